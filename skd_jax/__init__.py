@@ -1,0 +1,1 @@
+"""skd_jax: Structured Knowledge Distillation for semantic segmentation in JAX/Flax."""

@@ -1,0 +1,93 @@
+"""Independent NumPy versions of PyTorch's definitions, shared by the tests."""
+
+import math
+
+import numpy as np
+
+
+def np_resize_align_corners(x, out_h, out_w):
+  """PyTorch bilinear, align_corners=True, written pixel by pixel (2-D, not separable)."""
+  n, h, w, c = x.shape
+  out = np.zeros((n, out_h, out_w, c))
+  for i in range(out_h):
+    sy = 0.0 if out_h == 1 else i * (h - 1) / (out_h - 1)
+    y0 = min(int(math.floor(sy)), h - 1)
+    y1 = min(y0 + 1, h - 1)
+    fy = sy - y0
+    for j in range(out_w):
+      sx = 0.0 if out_w == 1 else j * (w - 1) / (out_w - 1)
+      x0 = min(int(math.floor(sx)), w - 1)
+      x1 = min(x0 + 1, w - 1)
+      fx = sx - x0
+      out[:, i, j] = ((1 - fy) * (1 - fx) * x[:, y0, x0] + (1 - fy) * fx * x[:, y0, x1]
+                      + fy * (1 - fx) * x[:, y1, x0] + fy * fx * x[:, y1, x1])
+  return out
+
+
+def np_adaptive_avg_pool(x, bins):
+  n, h, w, c = x.shape
+  out = np.zeros((n, bins, bins, c))
+  for i in range(bins):
+    h0, h1 = (i * h) // bins, math.ceil((i + 1) * h / bins)
+    for j in range(bins):
+      w0, w1 = (j * w) // bins, math.ceil((j + 1) * w / bins)
+      out[:, i, j] = x[:, h0:h1, w0:w1].mean(axis=(1, 2))
+  return out
+
+
+def np_pool(x, k, s, p, ceil_mode, mode):
+  """PyTorch max_pool2d / avg_pool2d(count_include_pad=True), loop over output positions."""
+  n, h, w, c = x.shape
+
+  def out_len(size):
+    span = size + 2 * p - k
+    o = (math.ceil(span / s) if ceil_mode else span // s) + 1
+    if ceil_mode and (o - 1) * s >= size + p:
+      o -= 1
+    return o
+
+  oh, ow = out_len(h), out_len(w)
+  out = np.zeros((n, oh, ow, c))
+  for i in range(oh):
+    for j in range(ow):
+      hs, ws = i * s - p, j * s - p
+      he, we = min(hs + k, h + p), min(ws + k, w + p)
+      pool_size = (he - hs) * (we - ws)
+      window = x[:, max(hs, 0):min(he, h), max(ws, 0):min(we, w)]
+      if mode == 'max':
+        out[:, i, j] = window.max(axis=(1, 2))
+      else:
+        out[:, i, j] = window.sum(axis=(1, 2)) / pool_size
+  return out
+
+
+def np_conv(x, kernel, *, stride=1, padding=0, dilation=1, bias=None):
+  """PyTorch Conv2d on NHWC with an HWIO kernel, as a sum over kernel taps."""
+  n, h, w, _ = x.shape
+  kh, kw, _, co = kernel.shape
+  xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  oh = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+  ow = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+  out = np.zeros((n, oh, ow, co))
+  for i in range(kh):
+    for j in range(kw):
+      patch = xp[:, i * dilation:i * dilation + stride * (oh - 1) + 1:stride,
+                 j * dilation:j * dilation + stride * (ow - 1) + 1:stride]
+      out += patch @ kernel[i, j]
+  return out if bias is None else out + bias
+
+
+def np_batch_norm_eval(x, p, s, eps=1e-5):
+  return (x - s['mean']) / np.sqrt(s['var'] + eps) * p['scale'] + p['bias']
+
+
+def parse_state_dict_keys(path):
+  """{name: shape} from a `name (d0, d1, ...)` or tab-separated key listing."""
+  shapes = {}
+  for line in open(path):
+    line = line.strip()
+    if not line:
+      continue
+    name, shape = line.replace('\t', ' ').split(' ', 1)
+    shapes[name] = tuple(int(d) for d in shape.strip('() ').split(',') if d.strip())
+  return shapes

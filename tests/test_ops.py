@@ -1,0 +1,70 @@
+"""skd_jax.ops against brute-force NumPy versions of PyTorch's definitions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from np_reference import np_adaptive_avg_pool, np_pool, np_resize_align_corners
+from skd_jax import ops
+
+
+@pytest.mark.parametrize('in_hw,out_hw', [((5, 7), (13, 9)), ((65, 65), (129, 130)), ((1, 1), (4, 3)),
+                                          ((6, 6), (1, 1)), ((9, 4), (4, 9))])
+def test_resize_bilinear_matches_pytorch_definition(in_hw, out_hw):
+  x = np.random.default_rng(0).normal(size=(2, *in_hw, 3))
+  got = ops.resize_bilinear(jnp.asarray(x, jnp.float32), out_hw)
+  np.testing.assert_allclose(got, np_resize_align_corners(x, *out_hw), rtol=1e-5, atol=1e-5)
+
+
+def test_resize_bilinear_is_not_half_pixel():
+  # align_corners=True keeps the corner values; jax.image.resize (half-pixel) does not.
+  x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  got = ops.resize_bilinear(x, (7, 7))
+  assert float(got[0, 0, 0, 0]) == 0.0 and float(got[0, -1, -1, 0]) == 15.0
+  half_pixel = jax.image.resize(x, (1, 7, 7, 1), 'bilinear')
+  assert not np.allclose(got, half_pixel)
+
+
+@pytest.mark.parametrize('size,bins', [(65, 1), (65, 2), (65, 3), (65, 6), (12, 6), (5, 3), (4, 6)])
+def test_adaptive_avg_pool_matches_pytorch_bins(size, bins):
+  x = np.random.default_rng(1).normal(size=(2, size, size, 3))
+  got = ops.adaptive_avg_pool(jnp.asarray(x, jnp.float32), bins)
+  np.testing.assert_allclose(got, np_adaptive_avg_pool(x, bins), rtol=1e-5, atol=1e-5)
+
+
+def test_adaptive_bins_overlap_when_not_divisible():
+  # 65 into 2 bins: [0, 33) and [32, 65) share row 32.
+  m = ops.adaptive_pool_matrix(65, 2)
+  assert m[0, 32] > 0 and m[1, 32] > 0 and m[0, 33] == 0 and m[1, 31] == 0
+
+
+@pytest.mark.parametrize('shape,k,s,p,ceil_mode,mode', [
+    ((2, 256, 256, 2), 3, 2, 1, True, 'max'),    # SKD stem pool: 256 -> 129
+    ((1, 256, 256, 2), 3, 2, 1, False, 'max'),   # CIRKD stem pool: 256 -> 128
+    ((2, 65, 65, 3), 32, 32, 0, True, 'max'),    # SKD node pooling: 65 -> 3 nodes
+    ((2, 65, 65, 3), 32, 32, 0, True, 'avg'),
+    ((1, 7, 9, 2), 2, 2, 0, True, 'max'),        # CIRKD 2x2 node kernel on odd sizes
+    ((1, 7, 9, 2), 2, 2, 0, True, 'avg'),
+    ((1, 8, 8, 2), 3, 2, 1, True, 'avg'),
+])
+def test_pool2d_matches_pytorch_definition(shape, k, s, p, ceil_mode, mode):
+  x = np.random.default_rng(2).normal(size=shape)
+  got = ops.pool2d(jnp.asarray(x, jnp.float32), k, s, p, ceil_mode=ceil_mode, mode=mode)
+  want = np_pool(x, k, s, p, ceil_mode, mode)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pool_output_sizes():
+  assert ops.pool_output_size(256, 3, 2, 1, True) == 129
+  assert ops.pool_output_size(256, 3, 2, 1, False) == 128
+  assert ops.pool_output_size(65, 32, 32, 0, True) == 3
+  assert ops.pool_output_size(64, 32, 32, 0, True) == 2
+  # ceil mode never starts a window past the input: 5 with k=2, s=2, p=1 gives 3, not 4.
+  assert ops.pool_output_size(5, 2, 2, 1, True) == 3
+
+
+def test_pool2d_rejects_bad_mode():
+  with pytest.raises(ValueError, match="mode must be 'max' or 'avg'"):
+    ops.pool2d(jnp.zeros((1, 4, 4, 1)), 2, mode='median')
