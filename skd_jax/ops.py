@@ -138,10 +138,12 @@ def pool2d(x: jax.Array, kernel: int | Sequence[int], stride: int | Sequence[int
   ew = max(0, (ow - 1) * sw + kw - (w + 2 * pw))
   pads = ((0, 0), (ph, ph + eh), (pw, pw + ew), (0, 0))
   window, strides = (1, kh, kw, 1), (1, sh, sw, 1)
+  # Concrete NumPy init values: JAX recognises (max, -inf) and (add, 0) as the differentiable
+  # reduce_window_max / reduce_window_sum only when the init value is a known constant.
   if mode == 'max':
-    init = jnp.array(-jnp.inf, x.dtype)
+    init = np.array(-np.inf, x.dtype)
     return jax.lax.reduce_window(x, init, jax.lax.max, window, strides, pads)
-  summed = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add, window, strides, pads)
+  summed = jax.lax.reduce_window(x, np.array(0, x.dtype), jax.lax.add, window, strides, pads)
   # PyTorch divides by the window clipped to the (symmetrically) padded input.
   counts = np.outer(_window_counts(h, kh, sh, ph, oh), _window_counts(w, kw, sw, pw, ow))
   return summed / jnp.asarray(counts, x.dtype)[None, :, :, None]

@@ -68,3 +68,26 @@ def test_pool_output_sizes():
 def test_pool2d_rejects_bad_mode():
   with pytest.raises(ValueError, match="mode must be 'max' or 'avg'"):
     ops.pool2d(jnp.zeros((1, 4, 4, 1)), 2, mode='median')
+
+
+def test_pool2d_gradients_match_pytorch_definition():
+  # d(sum of max pool)/dx counts the windows whose maximum each (distinct-valued) element is;
+  # d(sum of avg pool)/dx sums 1/pool_size over the windows covering it.
+  x = np.random.default_rng(3).permutation(49).astype(np.float64).reshape(1, 7, 7, 1)
+  k, s, p = 3, 2, 1
+  want_max = np.zeros_like(x)
+  want_avg = np.zeros_like(x)
+  out = np_pool(x, k, s, p, True, 'max')
+  for i in range(out.shape[1]):
+    for j in range(out.shape[2]):
+      hs, ws = i * s - p, j * s - p
+      window = (slice(max(hs, 0), min(hs + k, 7)), slice(max(ws, 0), min(ws + k, 7)))
+      sub = x[0, window[0], window[1], 0]
+      r, c = np.unravel_index(np.argmax(sub), sub.shape)
+      want_max[0, window[0].start + r, window[1].start + c, 0] += 1
+      he, we = min(hs + k, 7 + p), min(ws + k, 7 + p)
+      want_avg[0, window[0], window[1], 0] += 1.0 / ((he - hs) * (we - ws))
+  xj = jnp.asarray(x, jnp.float32)
+  for mode, want in (('max', want_max), ('avg', want_avg)):
+    grad = jax.jit(jax.grad(lambda v: ops.pool2d(v, k, s, p, ceil_mode=True, mode=mode).sum()))(xj)
+    np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-6)

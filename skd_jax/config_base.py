@@ -1,0 +1,111 @@
+"""The full set of config keys with the SKD reference's values; experiment configs start here.
+
+Every experiment config in `configs/` calls `base_config()` and changes what differs. Keys are
+locked when loaded through `--config=`, so a misspelt override is an error.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The SKD reference protocol: PSPNet-R101 -> PSPNet-R18 on Cityscapes, 512x512, batch 8."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dtype = 'float32'             # compute dtype of the networks ('bfloat16' on accelerators)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = 'cityscapes'
+  c.data.num_classes = 19
+  c.data.ignore_label = 255
+  c.data.manual_dir = ''          # holds leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip
+  c.data.tfds_data_dir = ''       # '' = WORKDIR/data/tfds
+  c.data.train_split = 'train'
+  c.data.eval_split = 'val'
+  c.data.crop_size = (512, 512)
+  c.data.scales = tuple(round(0.7 + 0.1 * i, 1) for i in range(15))  # 0.7, 0.8, ..., 2.1
+  c.data.flip = True
+  c.data.normalization = 'caffe_bgr'   # BGR minus the Caffe mean, no std (both reference codes)
+  # A procedurally generated stand-in in the Cityscapes on-disk format (the demo and tests).
+  c.data.synthetic = False
+  c.data.synthetic_num_train = 200
+  c.data.synthetic_num_val = 50
+  c.data.synthetic_num_test = 20
+  c.data.synthetic_height = 128
+  c.data.synthetic_width = 256
+  c.data.synthetic_seed = 0
+
+  c.student = ml_collections.ConfigDict()
+  c.student.arch = 'pspnet_resnet18'
+  c.student.overrides = ml_collections.ConfigDict()   # any Segmenter field, e.g. width_multiplier
+  c.student.pretrained = ''       # a CSAIL/torchvision ImageNet .pth for the backbone
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.arch = 'pspnet_resnet101'
+  c.teacher.overrides = ml_collections.ConfigDict()
+  c.teacher.checkpoint = ''       # a teacher run's workdir, a `skd_jax.convert` export, or a .pth
+
+  c.disc = ml_collections.ConfigDict()
+  c.disc.features = (64, 128, 256, 512)
+  c.disc.image_conditioned = False   # True: the paper's D(softmax(logits), image)
+  c.disc.min_input_size = 0       # > 0: smaller logit maps are upsampled to this for D only
+  c.disc.optimizer = 'sgd'        # reference; 'adam' for CIRKD and later forks
+  c.disc.lr = 4e-4
+  c.disc.momentum = 0.9
+  c.disc.weight_decay = 5e-4
+  c.disc.power = 0.9
+  c.disc.b1 = 0.9
+  c.disc.b2 = 0.99
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.aux_weight = 0.4
+  c.loss.lambda_pi = 10.0         # pixel-wise; reference-code weight
+  c.loss.lambda_pa = 0.5          # pair-wise; the code's 0.5, not the paper's 10
+  c.loss.lambda_ho = 0.1          # adversarial term of the student
+  c.loss.lambda_d = 0.1           # discriminator loss weight (the reference uses lambda_ho)
+  c.loss.lambda_gp = 10.0
+  c.loss.gan_loss = 'wgan_gp'     # or 'hinge' (CIRKD)
+  c.loss.pi_temperature = 1.0
+  c.loss.pi_reduction = 'batch_sum'   # reference; 'mean' = per-pixel mean
+  c.loss.pa_pool = 'max'          # reference; 'avg' = the paper's reading
+  c.loss.pa_pool_scale = 0.5
+  c.loss.pa_pool_kernel = 0       # > 0: a fixed node kernel (CIRKD: 2)
+  c.loss.pa_alpha = 0             # 0: global graph (reference); (2r+1)^2: the paper's local graph
+  c.loss.pa_detach_norm = True    # reference; False = CIRKD's differentiable norm
+  c.loss.ohem = False
+  c.loss.ohem_thresh = 0.7
+  c.loss.ohem_min_kept = 100000
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.batch_size = 8          # global, over all devices
+  c.optim.num_steps = 40000
+  c.optim.lr = 0.01
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 5e-4
+  c.optim.power = 0.9
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 8           # global
+  c.eval.every_steps = 4000
+  c.eval.ignore_absent_classes = False   # reference: absent classes count as IoU 0
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 2000
+  c.checkpoint.keep = 3
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every_steps = 50
+  c.log.num_images = 4
+
+  # Testing aid: exit abruptly right after the checkpoint of this step is written (0 = never).
+  c.debug_exit_after_save_at = 0
+  return c
+
+
+def distillation_off(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The student-alone baseline (or a teacher run): every distillation weight 0."""
+  c.loss.lambda_pi = 0.0
+  c.loss.lambda_pa = 0.0
+  c.loss.lambda_ho = 0.0
+  return c

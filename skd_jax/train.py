@@ -1,0 +1,629 @@
+"""Distillation training: the train state, one jitted train step, and the loop around it.
+
+One step, in the reference order (skd-reference.md section 4):
+  1. teacher forward, eval mode, no gradient -> teacher logits and pair-wise feature;
+  2. student forward, train mode -> CE + aux CE + lambda_pi * pixel-wise + lambda_pa * pair-wise
+     + lambda_ho * adversarial (the discriminator held fixed), and the student's update;
+  3. one discriminator update on the pre-update student logits (gradient stopped) against the
+     teacher's: WGAN-GP or hinge.
+A weight of 0 removes its term from the compiled step: no teacher forward when every distillation
+weight is 0, no discriminator when lambda_ho is 0. The student-alone baseline and teacher training
+are this same program with those weights at 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+from typing import Any, Iterator
+
+from absl import logging
+from clu import metric_writers, periodic_actions
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from skd_jax import checkpoint as ckpt_lib
+from skd_jax import evaluate as eval_lib
+from skd_jax import losses
+from skd_jax import sharding as sharding_lib
+from skd_jax.models import create_segmenter
+from skd_jax.models.discriminator import Discriminator
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training run updates; one pytree, replicated over the mesh.
+
+  The teacher is not here: its variables are an argument of `train_step`, never optimised and
+  never checkpointed with the run. Without a discriminator (lambda_ho = 0) its fields are empty
+  dicts.
+  """
+  step: jax.Array                # int32 []
+  rng: jax.Array                 # uint32 key data of a `jax.random.key`
+  student_params: PyTree
+  student_batch_stats: PyTree
+  student_opt_state: PyTree
+  disc_params: PyTree
+  disc_batch_stats: PyTree       # spectral-norm vectors and the input BatchNorm's statistics
+  disc_opt_state: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The loss weights and options of one step (see `configs/cityscapes.py` for their meaning)."""
+  aux_weight: float = 0.4
+  lambda_pi: float = 10.0
+  lambda_pa: float = 0.5
+  lambda_ho: float = 0.1
+  lambda_d: float = 0.1
+  lambda_gp: float = 10.0
+  gan_loss: str = 'wgan_gp'
+  pi_temperature: float = 1.0
+  pi_reduction: str = 'batch_sum'
+  pa_pool: str = 'max'
+  pa_pool_scale: float = 0.5
+  pa_pool_kernel: int = 0
+  pa_alpha: int = 0
+  pa_detach_norm: bool = True
+  ohem: bool = False
+  ohem_thresh: float = 0.7
+  ohem_min_kept: int = 100000
+  ignore_label: int = 255
+
+  def __post_init__(self):
+    if self.gan_loss not in ('wgan_gp', 'hinge'):
+      raise ValueError(f"loss.gan_loss must be 'wgan_gp' or 'hinge', got {self.gan_loss!r}")
+
+  @property
+  def uses_teacher(self) -> bool:
+    return self.lambda_pi > 0 or self.lambda_pa > 0 or self.lambda_ho > 0
+
+  @property
+  def uses_disc(self) -> bool:
+    return self.lambda_ho > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """The static parts of a step: modules, optimisers, loss settings."""
+  student: nn.Module
+  teacher: nn.Module | None
+  disc: nn.Module | None
+  student_tx: optax.GradientTransformation
+  disc_tx: optax.GradientTransformation | None
+  student_lr: optax.Schedule
+  disc_lr: optax.Schedule | None
+  loss: LossConfig
+
+
+def poly_sgd(lr: float, momentum: float, weight_decay: float, num_steps: int, power: float
+             ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """PyTorch SGD (weight decay added to the gradient before momentum) with poly decay.
+
+  ``lr_t = lr * (1 - t / num_steps) ** power``; decay applies to every parameter, BN included,
+  as in the reference.
+  """
+  schedule = optax.polynomial_schedule(lr, 0.0, power, num_steps)
+  tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum))
+  return tx, schedule
+
+
+def disc_optimizer(disc_config: ml_collections.ConfigDict, num_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The reference's SGD (poly decay) or CIRKD's constant Adam."""
+  if disc_config.optimizer == 'sgd':
+    return poly_sgd(disc_config.lr, disc_config.momentum, disc_config.weight_decay, num_steps,
+                    disc_config.power)
+  if disc_config.optimizer == 'adam':
+    schedule = optax.constant_schedule(disc_config.lr)
+    tx = optax.adam(schedule, b1=disc_config.b1, b2=disc_config.b2)
+    if disc_config.weight_decay:
+      tx = optax.chain(optax.add_decayed_weights(disc_config.weight_decay), tx)
+    return tx, schedule
+  raise ValueError(f"disc.optimizer must be 'sgd' or 'adam', got {disc_config.optimizer!r}")
+
+
+def _critic(ctx: StepContext, disc_params, disc_batch_stats, logits, images):
+  """Discriminator scores [N] (train mode) and its updated spectral-norm / BN state."""
+  scores, updates = ctx.disc.apply(
+      {'params': disc_params, 'batch_stats': disc_batch_stats}, logits,
+      images if ctx.disc.image_conditioned else None, train=True, mutable=['batch_stats'])
+  return scores, updates['batch_stats']
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_variables: PyTree, *,
+               ctx: StepContext) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SKD iteration. batch: {'image': [B, H, W, 3] float32, 'label': [B, H, W] int32}.
+
+  Returns the new state and a dict of float32 scalars: every loss term separately, gradient
+  norms, learning rates.
+  """
+  cfg = ctx.loss
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  dropout_rng, gp_rng = jax.random.split(rng)
+  images, labels = batch['image'], batch['label']
+
+  teacher_logits = teacher_feature = None
+  if cfg.uses_teacher:
+    t_logits, _, t_features = ctx.teacher.apply(teacher_variables, images, train=False)
+    teacher_logits = jax.lax.stop_gradient(t_logits.astype(jnp.float32))
+    teacher_feature = jax.lax.stop_gradient(t_features['head'])
+
+  def student_loss(params):
+    (logits, aux_logits, features), updates = ctx.student.apply(
+        {'params': params, 'batch_stats': state.student_batch_stats}, images, train=True,
+        mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+    ce = functools.partial(losses.cross_entropy, labels=labels, ignore_label=cfg.ignore_label,
+                           ohem=cfg.ohem, ohem_thresh=cfg.ohem_thresh,
+                           ohem_min_kept=cfg.ohem_min_kept)
+    terms = {'ce': ce(logits)}
+    total = terms['ce']
+    if aux_logits is not None and cfg.aux_weight > 0:
+      terms['aux_ce'] = ce(aux_logits)
+      total += cfg.aux_weight * terms['aux_ce']
+    if cfg.lambda_pi > 0:
+      terms['pixel_wise'] = losses.pixel_wise_loss(
+          logits, teacher_logits, temperature=cfg.pi_temperature, reduction=cfg.pi_reduction)
+      terms['pixel_kl'] = losses.pixel_wise_kl(logits, teacher_logits,
+                                               temperature=cfg.pi_temperature)
+      total += cfg.lambda_pi * terms['pixel_wise']
+    if cfg.lambda_pa > 0:
+      terms['pair_wise'] = losses.pair_wise_loss(
+          features['head'], teacher_feature, pool=cfg.pa_pool, pool_scale=cfg.pa_pool_scale,
+          pool_kernel=cfg.pa_pool_kernel or None, alpha=cfg.pa_alpha or None,
+          detach_norm=cfg.pa_detach_norm)
+      total += cfg.lambda_pa * terms['pair_wise']
+    disc_batch_stats = state.disc_batch_stats
+    if cfg.uses_disc:
+      # D's parameters are not differentiated here: the gradients the student loss would give
+      # them are discarded, as in the reference. Its power iteration and BN state do advance.
+      scores, disc_batch_stats = _critic(ctx, state.disc_params, disc_batch_stats,
+                                         logits.astype(jnp.float32), images)
+      adversarial = (losses.generator_loss if cfg.gan_loss == 'wgan_gp'
+                     else losses.hinge_generator_loss)
+      terms['adversarial'] = adversarial(scores)
+      total += cfg.lambda_ho * terms['adversarial']
+    terms['total'] = total
+    return total, (terms, updates['batch_stats'], logits, disc_batch_stats)
+
+  (_, (terms, student_batch_stats, student_logits, disc_batch_stats)), grads = (
+      jax.value_and_grad(student_loss, has_aux=True)(state.student_params))
+  updates, student_opt_state = ctx.student_tx.update(grads, state.student_opt_state,
+                                                     state.student_params)
+  student_params = optax.apply_updates(state.student_params, updates)
+  metrics = {f'loss/{k}': v for k, v in terms.items()}
+  metrics['grad_norm/student'] = optax.global_norm(grads)
+  metrics['lr/student'] = ctx.student_lr(state.step)
+
+  disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+  if cfg.uses_disc:
+    fake = jax.lax.stop_gradient(student_logits.astype(jnp.float32))  # pre-update student
+
+    def disc_loss(params):
+      fake_scores, stats = _critic(ctx, params, disc_batch_stats, fake, images)
+      real_scores, stats = _critic(ctx, params, stats, teacher_logits, images)
+      d_terms = {'real_score': jnp.mean(real_scores), 'fake_score': jnp.mean(fake_scores)}
+      if cfg.gan_loss == 'wgan_gp':
+        d_terms['wasserstein'] = losses.critic_loss(real_scores, fake_scores)
+        d_terms['gradient_penalty'] = losses.gradient_penalty(
+            lambda x: _critic(ctx, params, stats, x, images)[0], teacher_logits, fake, gp_rng)
+        loss = cfg.lambda_d * (d_terms['wasserstein'] + cfg.lambda_gp * d_terms['gradient_penalty'])
+      else:
+        d_terms['hinge_real'] = jnp.mean(jax.nn.relu(1.0 - real_scores))
+        d_terms['hinge_fake'] = jnp.mean(jax.nn.relu(1.0 + fake_scores))
+        d_terms['hinge'] = losses.hinge_critic_loss(real_scores, fake_scores)
+        loss = cfg.lambda_d * d_terms['hinge']
+      d_terms['loss'] = loss
+      return loss, (d_terms, stats)
+
+    (_, (d_terms, disc_batch_stats)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(
+        disc_params)
+    d_updates, disc_opt_state = ctx.disc_tx.update(d_grads, disc_opt_state, disc_params)
+    disc_params = optax.apply_updates(disc_params, d_updates)
+    metrics.update({f'disc/{k}': v for k, v in d_terms.items()})
+    metrics['grad_norm/disc'] = optax.global_norm(d_grads)
+    metrics['lr/disc'] = ctx.disc_lr(state.step)
+
+  new_state = state.replace(
+      step=state.step + 1, student_params=student_params,
+      student_batch_stats=student_batch_stats, student_opt_state=student_opt_state,
+      disc_params=disc_params, disc_batch_stats=disc_batch_stats, disc_opt_state=disc_opt_state)
+  return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the pieces from a config.
+
+
+def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
+  fields = {f.name for f in dataclasses.fields(LossConfig)}
+  values = {k: v for k, v in config.loss.items() if k in fields}
+  values['ignore_label'] = config.data.ignore_label
+  return LossConfig(**values)
+
+
+def student_model(config: ml_collections.ConfigDict):
+  return create_segmenter(config.student.arch, config.data.num_classes, dtype=config.dtype,
+                          **config.student.overrides)
+
+
+def model_from_metadata(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
+                        metadata: dict[str, Any] | None):
+  """The network a checkpoint was written for; the config's `section` fills what it lacks.
+
+  A checkpoint's own record of its architecture wins over the config (it is what the weights
+  fit); a disagreement is logged.
+  """
+  metadata = metadata or {}
+  arch = metadata.get('arch', section.arch)
+  overrides = dict(dict(section.overrides), **metadata.get('overrides', {}))
+  if arch != section.arch or overrides != dict(section.overrides):
+    logging.warning('the checkpoint was written for %s %s; the config says %s %s: using the '
+                    'checkpoint\'s', arch, metadata.get('overrides', {}), section.arch,
+                    dict(section.overrides))
+  return create_segmenter(arch, config.data.num_classes, dtype=config.dtype, **overrides)
+
+
+def discriminator(config: ml_collections.ConfigDict) -> Discriminator:
+  return Discriminator(features=tuple(config.disc.features),
+                       image_conditioned=config.disc.image_conditioned,
+                       min_input_size=config.disc.min_input_size)
+
+
+def model_metadata(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {'arch': config.student.arch, 'num_classes': config.data.num_classes,
+          'overrides': dict(config.student.overrides)}
+
+
+def load_model(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
+               path: str | pathlib.Path):
+  """(module, variables) of a network from a run's workdir, a checkpoint, an export or a .pth.
+
+  `section` (config.teacher or config.student) gives the architecture where the checkpoint does
+  not record it (a .pth); the variables are checked against the network before use.
+  """
+  if str(path).endswith(('.pth', '.pt')):
+    from skd_jax import convert  # pylint: disable=g-import-not-at-top
+    variables, overrides = convert.load_torch_variables(
+        str(path), section.arch, config.data.num_classes, **dict(section.overrides))
+    metadata = {'arch': section.arch, 'overrides': overrides}
+  else:
+    variables, metadata = ckpt_lib.load_variables(path)
+  model = model_from_metadata(config, section, metadata)
+  expected = jax.eval_shape(
+      lambda: model.init(jax.random.key(0, impl='rbg'), jnp.zeros((1, 64, 64, 3)), train=False))
+  _check_same_structure(expected, variables, f'checkpoint {path}')
+  return model, {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+
+
+def load_teacher(config: ml_collections.ConfigDict):
+  """(teacher module, variables) from ``config.teacher.checkpoint``."""
+  if not config.teacher.checkpoint:
+    raise ValueError('the distillation weights are not all 0, so a teacher is needed: set '
+                     '--config.teacher.checkpoint to a teacher run\'s workdir, an export from '
+                     '`python -m skd_jax.convert`, or a PyTorch .pth file.')
+  return load_model(config, config.teacher, config.teacher.checkpoint)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
+                        checkpoint: str | None = None, which: str = 'student') -> dict[str, Any]:
+  """Evaluates a run's best (else latest) checkpoint, `checkpoint`, or the config's teacher."""
+  mesh = sharding_lib.make_mesh()
+  per_process_batch = sharding_lib.check_batch_size(config.eval.batch_size, mesh,
+                                                    'eval.batch_size')
+  data_dir = prepare_data(config, workdir)
+  if which == 'teacher':
+    model, variables = load_teacher(config)
+    name = f'teacher {config.teacher.checkpoint}'
+  else:
+    path = checkpoint or workdir
+    model, variables = load_model(config, config.student, path)
+    name = f'student from {path}'
+  variables = jax.device_put(variables, sharding_lib.replicated(mesh))
+  evaluator = eval_lib.make_evaluator(model, mesh, num_classes=config.data.num_classes,
+                                      ignore_label=config.data.ignore_label)
+  from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  confusion = evaluator(variables, eval_iterator(config, data_dir, per_process_batch))
+  metrics = eval_lib.metrics_from_confusion(
+      confusion, class_names(config), ignore_absent_classes=config.eval.ignore_absent_classes)
+  return {'metrics': metrics, 'name': name, 'split': config.data.eval_split,
+          'num_images': pipeline.num_examples(data_dir, config.data.eval_split)}
+
+
+def _check_same_structure(expected: PyTree, got: PyTree, what: str) -> None:
+  exp = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+  have = {jax.tree_util.keystr(p): np.shape(x)
+          for p, x in jax.tree_util.tree_leaves_with_path(
+              {'params': got.get('params'), 'batch_stats': got.get('batch_stats')})}
+  missing = sorted(set(exp) - set(have))
+  unexpected = sorted(set(have) - set(exp))
+  misshapen = sorted(k for k in set(exp) & set(have) if tuple(exp[k]) != tuple(have[k]))
+  if missing or unexpected or misshapen:
+    raise ValueError(
+        f'{what} does not fit the configured network: missing {missing[:5]}, unexpected '
+        f'{unexpected[:5]}, misshapen {[(k, have[k], exp[k]) for k in misshapen[:5]]} '
+        f'(check config.teacher.arch / overrides and data.num_classes).')
+
+
+def create_train_state(ctx: StepContext, image_shape: tuple[int, ...], seed: jax.Array,
+                       student_variables: PyTree | None = None) -> TrainState:
+  """A fresh state. image_shape: [B, H, W, 3] of one training batch (B may be 1).
+
+  Initialisers draw from an 'rbg' key: XLA:CPU compiles threefry for hundreds of parameter
+  shapes very slowly (a minute for a ResNet-101). The state's own key (dropout, the gradient
+  penalty's mixing weights) stays threefry, whose bits do not depend on how arrays are sharded.
+  """
+  init_rng, disc_rng = jax.random.split(jax.random.key(seed, impl='rbg'))
+  state_rng = jax.random.key(seed)
+  images = jnp.zeros((1, *image_shape[1:]), jnp.float32)
+  if student_variables is None:
+    student_variables = ctx.student.init({'params': init_rng}, images, train=False)
+  params, batch_stats = student_variables['params'], student_variables['batch_stats']
+  disc_params = disc_batch_stats = disc_opt_state = {}
+  if ctx.disc is not None:
+    logits = jax.eval_shape(lambda: ctx.student.apply(student_variables, images, train=False))[0]
+    disc_variables = ctx.disc.init(disc_rng, jnp.zeros(logits.shape, jnp.float32),
+                                   images if ctx.disc.image_conditioned else None, train=False)
+    disc_params, disc_batch_stats = disc_variables['params'], disc_variables['batch_stats']
+    disc_opt_state = ctx.disc_tx.init(disc_params)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(state_rng),
+      student_params=params, student_batch_stats=batch_stats,
+      student_opt_state=ctx.student_tx.init(params), disc_params=disc_params,
+      disc_batch_stats=disc_batch_stats, disc_opt_state=disc_opt_state)
+
+
+def make_step_context(config: ml_collections.ConfigDict, teacher: nn.Module | None) -> StepContext:
+  cfg = loss_config(config)
+  num_steps = config.optim.num_steps
+  student_tx, student_lr = poly_sgd(config.optim.lr, config.optim.momentum,
+                                    config.optim.weight_decay, num_steps, config.optim.power)
+  disc = disc_tx = disc_lr = None
+  if cfg.uses_disc:
+    disc = discriminator(config)
+    disc_tx, disc_lr = disc_optimizer(config.disc, num_steps)
+  return StepContext(student=student_model(config), teacher=teacher if cfg.uses_teacher else None,
+                     disc=disc, student_tx=student_tx, disc_tx=disc_tx, student_lr=student_lr,
+                     disc_lr=disc_lr, loss=cfg)
+
+
+def jit_train_step(ctx: StepContext, mesh: jax.sharding.Mesh):
+  """`train_step` jitted over the mesh: state replicated and donated, batch sharded."""
+  repl, batch = sharding_lib.replicated(mesh), sharding_lib.batch_sharded(mesh)
+  return jax.jit(functools.partial(train_step, ctx=ctx), in_shardings=(repl, batch, repl),
+                 out_shardings=(repl, repl), donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> str:
+  """Prepares the tfds dataset (writing the synthetic archives first if configured); its dir."""
+  from skd_jax.data import pipeline, synthetic  # pylint: disable=g-import-not-at-top
+  data = config.data
+  manual_dir = data.manual_dir or str(workdir / 'data' / 'manual')
+  data_dir = data.tfds_data_dir or str(workdir / 'data' / 'tfds')
+  if data.synthetic and jax.process_index() == 0:
+    if not all((pathlib.Path(manual_dir) / z).exists() for z in pipeline.CITYSCAPES_ZIPS):
+      logging.info('Writing the synthetic Cityscapes stand-in to %s', manual_dir)
+      synthetic.write_synthetic_cityscapes(
+          manual_dir, num_train=data.synthetic_num_train, num_val=data.synthetic_num_val,
+          num_test=data.synthetic_num_test, height=data.synthetic_height,
+          width=data.synthetic_width, seed=data.synthetic_seed)
+  pipeline.prepare_cityscapes(manual_dir, data_dir)
+  return data_dir
+
+
+def train_iterator(config, data_dir: str, start_step: int, per_process_batch: int) -> Iterator:
+  from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  data = config.data
+  return pipeline.make_train_iterator(
+      data_dir=data_dir, split=data.train_split, batch_size=per_process_batch,
+      crop_size=tuple(data.crop_size), scales=tuple(data.scales) or None, flip=data.flip,
+      normalization=data.normalization, seed=config.seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def eval_iterator(config, data_dir: str, per_process_batch: int) -> Iterator:
+  from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.make_eval_iterator(
+      data_dir=data_dir, split=config.data.eval_split, batch_size=per_process_batch,
+      normalization=config.data.normalization, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+
+def class_names(config) -> list[str]:
+  from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return list(pipeline.dataset_info(config.data.dataset).class_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _write_samples(writer, step: int, samples: dict[str, np.ndarray], predictions: dict[str, Any],
+                   config) -> None:
+  """Input, ground truth and predictions of a few validation images, in the dataset's palette."""
+  from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  palette = pipeline.dataset_info(config.data.dataset).palette
+  colour = lambda ids: np.where((ids == config.data.ignore_label)[..., None], 0,
+                                np.asarray(palette)[np.clip(ids, 0, len(palette) - 1)]).astype(np.uint8)
+  images = {'samples/input': samples['raw_image'], 'samples/ground_truth': colour(samples['label'])}
+  images.update({f'samples/{name}_prediction': colour(pred) for name, pred in predictions.items()})
+  writer.write_images(step, images)
+
+
+def _predict(model, variables, images: np.ndarray, out_hw) -> np.ndarray:
+  logits = jax.jit(eval_lib.predict_logits, static_argnums=(0, 3))(model, variables, images,
+                                                                    tuple(out_hw))
+  return np.asarray(jnp.argmax(logits, axis=-1))
+
+
+def _check_metrics(metrics: dict[str, float], step: int) -> None:
+  bad = [k for k, v in metrics.items() if not np.isfinite(v)]
+  if bad:
+    raise FloatingPointError(
+        f'non-finite {", ".join(bad)} by step {step}: stopping before anything reaches a '
+        f'checkpoint (lower the learning rate or the weight of that term).')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the configured run in `workdir`; returns the final eval metrics."""
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding_lib.make_mesh()
+  per_process_batch = sharding_lib.check_batch_size(config.optim.batch_size, mesh,
+                                                    'optim.batch_size')
+  per_process_eval_batch = sharding_lib.check_batch_size(config.eval.batch_size, mesh,
+                                                         'eval.batch_size')
+  num_steps = config.optim.num_steps
+  writer = metric_writers.create_default_writer(workdir / 'logs',
+                                                just_logging=jax.process_index() > 0)
+  data_dir = prepare_data(config, workdir)
+  names = class_names(config)
+
+  cfg = loss_config(config)
+  teacher = teacher_variables = None
+  if cfg.uses_teacher:
+    teacher, teacher_variables = load_teacher(config)
+  ctx = make_step_context(config, teacher)
+  repl = sharding_lib.replicated(mesh)
+  teacher_variables = jax.device_put(teacher_variables, repl) if teacher else {}
+
+  image_shape = (per_process_batch, *config.data.crop_size, 3)
+  pretrained = None
+  if config.student.pretrained:
+    from skd_jax import convert  # pylint: disable=g-import-not-at-top
+    fresh = jax.jit(lambda: ctx.student.init(jax.random.key(config.seed, impl='rbg'),
+                                             jnp.zeros((1, *image_shape[1:])), train=False))()
+    pretrained = convert.load_torch_backbone(config.student.pretrained, fresh)
+  make_state = jax.jit(functools.partial(create_train_state, ctx, image_shape),
+                       out_shardings=repl)
+  abstract_state = jax.eval_shape(make_state, config.seed, pretrained)
+
+  manager = ckpt_lib.open_manager(workdir / 'checkpoints', max_to_keep=config.checkpoint.keep)
+  best_manager = ckpt_lib.open_manager(workdir / 'best', max_to_keep=1)
+  meta = {'best_miou': -1.0}
+  if manager.latest_step() is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                            abstract_state)
+    state, meta = ckpt_lib.restore_train_state(manager, manager.latest_step(), abstract)
+    logging.info('Resumed from %s at step %d', manager.directory, int(state.step))
+  else:
+    state = make_state(config.seed, pretrained)
+    writer.write_hparams({k: str(v) if isinstance(v, (list, tuple)) else v
+                          for k, v in flatten_config(config).items()})
+  start_step = int(state.step)
+
+  evaluator = eval_lib.make_evaluator(ctx.student, mesh, num_classes=config.data.num_classes,
+                                      ignore_label=config.data.ignore_label)
+  absent = config.eval.ignore_absent_classes
+  samples = next(eval_iterator(config, data_dir, per_process_eval_batch))
+  samples = {k: v[:config.log.num_images] for k, v in samples.items()}
+  sample_predictions = {}
+  teacher_miou = meta.get('teacher_miou')
+  if teacher is not None:
+    if teacher_miou is None:
+      teacher_eval = eval_lib.make_evaluator(teacher, mesh, num_classes=config.data.num_classes,
+                                             ignore_label=config.data.ignore_label)
+      teacher_metrics = eval_lib.metrics_from_confusion(
+          teacher_eval(teacher_variables, eval_iterator(config, data_dir, per_process_eval_batch)),
+          names, ignore_absent_classes=absent)
+      teacher_miou = teacher_metrics['miou']
+      logging.info('%s', eval_lib.format_table(teacher_metrics, 'Teacher:'))
+      writer.write_scalars(start_step, {'eval/teacher_miou': teacher_miou})
+    sample_predictions['teacher'] = _predict(teacher, teacher_variables, samples['image'],
+                                             samples['label'].shape[1:3])
+
+  step_fn = jit_train_step(ctx, mesh)
+  batches = train_iterator(config, data_dir, start_step, per_process_batch)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                                    every_steps=config.log.every_steps)
+  window: list[dict[str, jax.Array]] = []
+  eval_metrics: dict[str, Any] = {}
+
+  def flush(step: int) -> None:
+    if not window:
+      return
+    stacked = jax.device_get(window)
+    means = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+    window.clear()
+    _check_metrics(means, step)
+    writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
+
+  def run_eval(step: int) -> None:
+    nonlocal eval_metrics
+    variables = {'params': state.student_params, 'batch_stats': state.student_batch_stats}
+    confusion = evaluator(variables, eval_iterator(config, data_dir, per_process_eval_batch))
+    eval_metrics = eval_lib.metrics_from_confusion(confusion, names, ignore_absent_classes=absent)
+    scalars = {'eval/miou': eval_metrics['miou'],
+               'eval/pixel_accuracy': eval_metrics['pixel_accuracy'],
+               'eval/mean_accuracy': eval_metrics['mean_accuracy']}
+    scalars.update({f'eval_iou/{n}': v for n, v in eval_metrics['per_class_iou'].items()})
+    if teacher_miou is not None:
+      scalars['eval/teacher_miou'] = teacher_miou
+    writer.write_scalars(step, scalars)
+    predictions = dict(sample_predictions, student=_predict(
+        ctx.student, variables, samples['image'], samples['label'].shape[1:3]))
+    _write_samples(writer, step, samples, predictions, config)
+    logging.info('step %d: student mIoU %.4f%s', step, eval_metrics['miou'],
+                 '' if teacher_miou is None else f' (teacher {teacher_miou:.4f})')
+    if eval_metrics['miou'] > meta['best_miou']:
+      meta['best_miou'] = eval_metrics['miou']
+      ckpt_lib.save_train_state(best_manager, step, state, run_meta(step))
+
+  def run_meta(step: int) -> dict[str, Any]:
+    return dict(meta, step=step, data_position=step, teacher_miou=teacher_miou,
+                **model_metadata(config))
+
+  for step in range(start_step + 1, num_steps + 1):
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      batch = sharding_lib.global_batch(next(batches), mesh)
+      state, metrics = step_fn(state, batch, teacher_variables)
+    window.append(metrics)
+    report_progress(step)
+    last = step == num_steps
+    if step % config.log.every_steps == 0 or last:
+      flush(step)
+    if step % config.eval.every_steps == 0 or last:
+      flush(step)
+      run_eval(step)
+    if step % config.checkpoint.every_steps == 0 or last:
+      flush(step)
+      ckpt_lib.save_train_state(manager, step, state, run_meta(step))
+      if config.get('debug_exit_after_save_at') == step:
+        manager.wait_until_finished()
+        best_manager.wait_until_finished()
+        logging.warning('debug_exit_after_save_at=%d: exiting as if killed', step)
+        import os  # pylint: disable=g-import-not-at-top
+        os._exit(3)  # pylint: disable=protected-access
+  manager.wait_until_finished()
+  best_manager.wait_until_finished()
+  writer.flush()
+  result = {'student_miou': eval_metrics.get('miou'), 'teacher_miou': teacher_miou,
+            'best_miou': meta['best_miou'], 'eval': eval_metrics, 'step': num_steps}
+  if jax.process_index() == 0:
+    (workdir / 'result.json').write_text(json.dumps(result, indent=2))
+  return result
+
+
+def flatten_config(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in config.items():
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      out.update(flatten_config(ml_collections.ConfigDict(v) if isinstance(v, dict) else v,
+                                f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
