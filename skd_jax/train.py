@@ -202,7 +202,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_variables
                                                      state.student_params)
   student_params = optax.apply_updates(state.student_params, updates)
   metrics = {f'loss/{k}': v for k, v in terms.items()}
-  metrics['grad_norm/student'] = optax.global_norm(grads)
+  metrics['grad_norm/student'] = optax.tree.norm(grads)
   metrics['lr/student'] = ctx.student_lr(state.step)
 
   disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
@@ -231,7 +231,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_variables
     d_updates, disc_opt_state = ctx.disc_tx.update(d_grads, disc_opt_state, disc_params)
     disc_params = optax.apply_updates(disc_params, d_updates)
     metrics.update({f'disc/{k}': v for k, v in d_terms.items()})
-    metrics['grad_norm/disc'] = optax.global_norm(d_grads)
+    metrics['grad_norm/disc'] = optax.tree.norm(d_grads)
     metrics['lr/disc'] = ctx.disc_lr(state.step)
 
   new_state = state.replace(

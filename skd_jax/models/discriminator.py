@@ -256,6 +256,7 @@ class Discriminator(nn.Module):
       if image is not None:
         raise ValueError('image given but image_conditioned=False')
       x = nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPS,
+                       use_fast_variance=False,  # two-pass: E[x^2] - E[x]^2 cancels in float32
                        dtype=self.dtype, param_dtype=jnp.float32,
                        name='preprocess_additional')(logits)
 

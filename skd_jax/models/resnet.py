@@ -13,6 +13,10 @@ Output stride 8: layer3 and layer4 keep stride 1 and dilate by 2 and 4. Two dila
     the block's dilation and the second the stage's. The stem pool uses ``ceil_mode=False``
     (512x1024 -> 64x128).
 Output stride 16 (option): layer3 strides by 2, layer4 dilates by 2.
+
+Stem option ``stem='standard'``: torchvision's single 7x7 stride-2 conv (3->64) + BN + ReLU before
+the same max pool (so torchvision's ImageNet weights can be loaded; the stem then gives 64 channels
+and layer1 of ResNet-18/34 has no projection).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ Dtype = Any
 
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 DILATION_SCHEDULES = ('skd', 'cirkd')
+STEMS = ('deep', 'standard')
 
 
 class BasicBlock(nn.Module):
@@ -112,6 +117,7 @@ class ResNet(nn.Module):
     dilation_schedule: 'skd' or 'cirkd' (see the module docstring).
     stem_ceil_mode: ceil mode of the stem max pool (True in the SKD reference, False in CIRKD).
     width_multiplier: scales every channel count (1.0 = the reference; small values for tests).
+    stem: 'deep' (three 3x3 convs, the reference) or 'standard' (torchvision's 7x7 conv).
 
   Returns (from __call__ on images [N, H, W, 3]):
     {'stem': [N, H/4, W/4, 128w], 'layer1': ..., 'layer2': ..., 'layer3': [N, H/8, W/8, c3],
@@ -122,6 +128,7 @@ class ResNet(nn.Module):
   dilation_schedule: str = 'skd'
   stem_ceil_mode: bool = True
   width_multiplier: float = 1.0
+  stem: str = 'deep'
   bn_momentum: float = 0.9
   dtype: Dtype = jnp.float32
 
@@ -142,9 +149,14 @@ class ResNet(nn.Module):
                                   dtype=self.dtype, name=name)
     w = self.width_multiplier
     x = x.astype(self.dtype)
-    x = nn.relu(norm('bn1')(conv(scaled(64, w), 3, stride=2, dtype=self.dtype, name='conv1')(x)))
-    x = nn.relu(norm('bn2')(conv(scaled(64, w), 3, dtype=self.dtype, name='conv2')(x)))
-    x = nn.relu(norm('bn3')(conv(scaled(128, w), 3, dtype=self.dtype, name='conv3')(x)))
+    if self.stem == 'deep':
+      x = nn.relu(norm('bn1')(conv(scaled(64, w), 3, stride=2, dtype=self.dtype, name='conv1')(x)))
+      x = nn.relu(norm('bn2')(conv(scaled(64, w), 3, dtype=self.dtype, name='conv2')(x)))
+      x = nn.relu(norm('bn3')(conv(scaled(128, w), 3, dtype=self.dtype, name='conv3')(x)))
+    elif self.stem == 'standard':
+      x = nn.relu(norm('bn1')(conv(scaled(64, w), 7, stride=2, dtype=self.dtype, name='conv1')(x)))
+    else:
+      raise ValueError(f'stem must be one of {STEMS}, got {self.stem!r}')
     x = ops.pool2d(x, 3, 2, 1, ceil_mode=self.stem_ceil_mode, mode='max')
     features = {'stem': x}
 

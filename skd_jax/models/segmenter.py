@@ -31,7 +31,8 @@ class Segmenter(nn.Module):
 
   Attributes:
     num_classes: output channels of the classifiers.
-    depth, output_stride, dilation_schedule, stem_ceil_mode, width_multiplier: of the `ResNet`.
+    depth, output_stride, dilation_schedule, stem_ceil_mode, width_multiplier, stem: of the
+      `ResNet` ('standard' stem: torchvision's 7x7 conv, for its ImageNet weights).
     head: 'psp' (SKD reference) or 'aspp' (CIRKD's DeepLabV3).
     head_channels: PSP / ASPP width before the width multiplier (reference: 512 / 128 for PSPNet
       R101 / R18; CIRKD: 256 / 128 for DeepLabV3 R101 / R18).
@@ -51,6 +52,7 @@ class Segmenter(nn.Module):
   dilation_schedule: str = 'skd'
   stem_ceil_mode: bool = True
   width_multiplier: float = 1.0
+  stem: str = 'deep'
   bn_momentum: float = 0.9
   dtype: Dtype = jnp.float32
 
@@ -62,7 +64,7 @@ class Segmenter(nn.Module):
     features = ResNet(
         depth=self.depth, output_stride=self.output_stride,
         dilation_schedule=self.dilation_schedule, stem_ceil_mode=self.stem_ceil_mode,
-        width_multiplier=w, bn_momentum=self.bn_momentum, dtype=self.dtype,
+        width_multiplier=w, stem=self.stem, bn_momentum=self.bn_momentum, dtype=self.dtype,
         name='backbone')(images, train)
     head_cls = PSPHead if self.head == 'psp' else ASPPHead
     logits, head_feature = head_cls(

@@ -1,0 +1,653 @@
+"""The host-side input pipeline: tfds Cityscapes -> tf.data -> NumPy batches.
+
+Preparation runs the real tfds builder `cityscapes/semantic_segmentation` on the two official
+archives (or the synthetic stand-ins from `skd_jax.data.synthetic`) and stores the split as
+ArrayRecord, which has random access. Reading then never goes through the builder's image
+features, which declare 1024x2048 and so reject any other size: the PNG bytes are read as they
+are (`tfds.decode.SkipDecoding`) and decoded with `tf.io.decode_png`.
+
+Training stream, a pure function of (seed, step) -- and of the split size, the batch size, the
+process index and count:
+
+  * process p of P owns the examples with index i % P == p (disjoint, together the whole split);
+  * every process runs the same S = (N // P) // B steps per epoch, B the per-process batch; each
+    epoch, process p draws a fresh permutation of its examples from (seed, epoch, p) and takes the
+    first S * B of it (so which examples an epoch leaves out changes from epoch to epoch, and
+    never depends on where a run was resumed);
+  * step t is batch t % S of epoch t // S; the augmentation of an example (scale, crop position,
+    flip) is drawn from (seed, epoch, example index).
+
+So `start_step=s` starts the same stream at batch s, at the cost of one permutation of the local
+indices: nothing before it is read or decoded.
+
+The iterators are `NumpyIterator`s: close them (or use them in a `with` block) to stop their
+background threads early; any still open at interpreter exit are closed by an atexit hook, since
+a tf.data pipeline that is still running Python code at shutdown aborts or hangs the process.
+TensorFlow only runs here on the host CPU; it is hidden from accelerators on import.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import gc
+import os
+import re
+import shutil
+import tempfile
+import weakref
+import zipfile
+from typing import Callable, Sequence
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+try:
+  # tf.data only: TensorFlow must not grab GPU memory that JAX needs.
+  tf.config.set_visible_devices([], 'GPU')
+except (RuntimeError, ValueError):  # Devices already initialised, or no such device type.
+  pass
+
+import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+from skd_jax.data import cityscapes  # pylint: disable=g-bad-import-order
+
+Batch = dict[str, np.ndarray]
+
+CITYSCAPES_BUILDER = 'cityscapes/semantic_segmentation'
+# The archives the builder reads from the manual directory, and each one's top folder.
+CITYSCAPES_ZIPS = {
+    'leftImg8bit_trainvaltest.zip': 'leftImg8bit',
+    'gtFine_trainvaltest.zip': 'gtFine',
+}
+_SPLIT_DIRS = ('train', 'val', 'test')
+# The builder's own pattern for image file names (cityscapes_dataset_builder.py); a name that does
+# not match (e.g. an upper-case city folder) fails deep inside tfds, so it is checked up front.
+_LEFT_IMAGE_RE = re.compile(r'leftImg8bit/(train|val|test)/([^/]+)/([a-z\-]+)_(\d+)_(\d+)'
+                            r'_leftImg8bit\.png')
+_HOW_TO_GET = (
+    'Download leftImg8bit_trainvaltest.zip (11 GB) and gtFine_trainvaltest.zip (241 MB) from '
+    'https://www.cityscapes-dataset.com/downloads/ (free registration) and put both, '
+    'unextracted, in that directory; or write a small synthetic stand-in there with '
+    '`python -m skd_jax.data.synthetic --out=DIR`.')
+
+_SKIP_DECODING = {
+    'image_left': tfds.decode.SkipDecoding(),
+    'segmentation_label': tfds.decode.SkipDecoding(),
+}
+
+# Caffe-style input of both reference codes: BGR, 0..255, minus this mean (B, G, R), no std.
+CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
+# torchvision-style input: RGB / 255, minus the ImageNet mean, divided by its std (R, G, B).
+IMAGENET_RGB_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_RGB_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = ('caffe_bgr', 'imagenet_rgb')
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation.
+
+
+def _gfile_zip_names(path: str) -> list[str]:
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    if not zipfile.is_zipfile(f):
+      raise ValueError(f'{path} is not a zip archive (is it a partial download?). {_HOW_TO_GET}')
+    f.seek(0)
+    with zipfile.ZipFile(f) as archive:
+      return archive.namelist()
+
+
+def check_manual_dir(manual_dir: str) -> None:
+  """Checks that `manual_dir` holds the two Cityscapes archives the tfds builder needs.
+
+  Reads only the archives' directories. Raises one exception with one clear message (the missing
+  or malformed file, the directory searched, what to download) instead of a traceback from inside
+  tfds.
+
+  Raises:
+    FileNotFoundError: the directory or an archive is missing.
+    ValueError: an archive is not a zip, lacks its top folder or a split, has a file name the
+      builder cannot parse, or an image has no label file.
+  """
+  manual_dir = os.fspath(manual_dir)
+  if not tf.io.gfile.isdir(manual_dir):
+    raise FileNotFoundError(
+        f'Cityscapes manual directory {manual_dir} does not exist: it must hold '
+        f'{" and ".join(CITYSCAPES_ZIPS)}. {_HOW_TO_GET}')
+  missing = [name for name in CITYSCAPES_ZIPS
+             if not tf.io.gfile.exists(os.path.join(manual_dir, name))]
+  if missing:
+    raise FileNotFoundError(
+        f'Cityscapes archive {" and ".join(missing)} not found in {manual_dir} (searched for '
+        f'{", ".join(os.path.join(manual_dir, m) for m in missing)}). {_HOW_TO_GET}')
+  names = {}
+  for zip_name, top in CITYSCAPES_ZIPS.items():
+    path = os.path.join(manual_dir, zip_name)
+    names[top] = _gfile_zip_names(path)
+    for split_dir in _SPLIT_DIRS:
+      prefix = f'{top}/{split_dir}/'
+      if not any(n.startswith(prefix) for n in names[top]):
+        raise ValueError(
+            f'{path} has no folder {prefix} (the archive must hold {top}/train, {top}/val and '
+            f'{top}/test, as the official one does). {_HOW_TO_GET}')
+  images = [n for n in names['leftImg8bit'] if n.endswith('_leftImg8bit.png')]
+  left_path = os.path.join(manual_dir, 'leftImg8bit_trainvaltest.zip')
+  for name in images:
+    if not _LEFT_IMAGE_RE.fullmatch(name):
+      raise ValueError(
+          f'{left_path} holds {name}, which the tfds builder cannot parse: image files must be '
+          'leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png with a lower-case city.')
+  labels = set(names['gtFine'])
+  missing_labels = [
+      n for n in images
+      if 'gtFine' + n[len('leftImg8bit'):-len('leftImg8bit.png')] + 'gtFine_labelIds.png'
+      not in labels]
+  if missing_labels:
+    raise ValueError(
+        f'{os.path.join(manual_dir, "gtFine_trainvaltest.zip")} lacks the label file of '
+        f'{len(missing_labels)} image(s) in {left_path}, e.g. of {missing_labels[0]} (expected '
+        'gtFine/<split>/<city>/<id>_gtFine_labelIds.png). Are both archives from the same '
+        'release?')
+
+
+def _builder(data_dir: str, **kwargs) -> tfds.core.DatasetBuilder:
+  # data_dir always passed: nothing goes to ~/tensorflow_datasets unless asked.
+  return tfds.builder(CITYSCAPES_BUILDER, data_dir=os.fspath(data_dir), **kwargs)
+
+
+def prepare_cityscapes(manual_dir: str, data_dir: str, *,
+                       file_format: str = 'array_record') -> dict[str, int]:
+  """Prepares `cityscapes/semantic_segmentation` in `data_dir` from the archives in `manual_dir`.
+
+  Runs the real tfds builder, offline. Does nothing when the dataset is already prepared in
+  `data_dir` (the archives are then not needed). The archives are extracted into a temporary
+  folder under `data_dir` (under the system's temporary directory when `data_dir` is remote)
+  that is removed afterwards (for the real data, 11 GB).
+
+  Args:
+    manual_dir: directory holding leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip.
+    data_dir: tfds data directory to prepare into.
+    file_format: 'array_record' (random access, what the training iterator wants) or 'tfrecord'
+      (then read through an in-memory copy of each process's examples).
+
+  Returns:
+    {split name: number of examples}, split names as tfds has them ('train', 'validation',
+    'test').
+  """
+  data_dir = os.fspath(data_dir)
+  builder = _builder(data_dir, file_format=file_format)
+  if not builder.is_prepared():
+    check_manual_dir(manual_dir)
+    tf.io.gfile.makedirs(data_dir)
+    downloads = os.path.join(data_dir, 'downloads')
+    had_downloads = tf.io.gfile.exists(downloads)
+    # Extracted next to the data (same disk, which has room for it), unless that is remote.
+    extract_dir = tempfile.mkdtemp(prefix='cityscapes_extracted_',
+                                   dir=None if '://' in data_dir else data_dir)
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(
+              manual_dir=os.fspath(manual_dir), extract_dir=extract_dir,
+              try_download_gcs=False))
+    finally:
+      shutil.rmtree(extract_dir, ignore_errors=True)
+      # tfds creates an (here unused) download folder; leave data_dir as clean as it was.
+      if not had_downloads and tf.io.gfile.isdir(downloads) and not tf.io.gfile.listdir(downloads):
+        tf.io.gfile.rmtree(downloads)
+  else:
+    logging.info('%s already prepared in %s', CITYSCAPES_BUILDER, data_dir)
+  return {str(name): int(info.num_examples) for name, info in builder.info.splits.items()}
+
+
+def _tfds_split(split: str) -> str:
+  # Cityscapes calls it 'val'; tfds calls it 'validation'. Both work here, slices included.
+  if split == 'val' or split.startswith('val['):
+    return 'validation' + split[3:]
+  return split
+
+
+def _prepared_builder(data_dir: str) -> tfds.core.DatasetBuilder:
+  builder = _builder(data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f'{CITYSCAPES_BUILDER} is not prepared in {data_dir} (looked for {builder.data_path}): '
+        'call skd_jax.data.pipeline.prepare_cityscapes(manual_dir, data_dir) first, or '
+        '`python -m skd_jax.data.synthetic --out=MANUAL_DIR --data_dir=DATA_DIR` for synthetic '
+        'data.')
+  return builder
+
+
+def num_examples(data_dir: str, split: str) -> int:
+  """Number of examples of a prepared split ('train', 'val' / 'validation', 'test', or a slice)."""
+  return int(_prepared_builder(data_dir).info.splits[_tfds_split(split)].num_examples)
+
+
+def steps_per_epoch(num_examples_in_split: int, batch_size: int, process_count: int = 1) -> int:
+  """Training steps per epoch: every process takes the same number of full local batches."""
+  return (num_examples_in_split // process_count) // batch_size
+
+
+def num_eval_batches(num_examples_in_split: int, batch_size: int, process_count: int = 1) -> int:
+  """Batches of one evaluation pass, the same for every process (short ones are padded)."""
+  per_process = -(-num_examples_in_split // process_count)
+  return -(-per_process // batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random access to the encoded examples.
+
+
+class _Source:
+  """Random access to a split's encoded examples: `get(i)` -> (image PNG, label PNG) bytes."""
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def get(self, index: int) -> tuple[bytes, bytes]:
+    raise NotImplementedError
+
+
+class _ArrayRecordSource(_Source):
+  """Reads records on demand; array_record's reader is shared and thread-safe."""
+
+  def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
+    self._source = builder.as_data_source(split, decoders=_SKIP_DECODING)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def get(self, index: int) -> tuple[bytes, bytes]:
+    example = self._source[int(index)]
+    return example['image_left'], example['segmentation_label']
+
+
+class _InMemorySource(_Source):
+  """Holds the encoded examples of the indices in `keep` (a TFRecord preparation has no random
+  access); reads the whole split once, decoding nothing."""
+
+  def __init__(self, builder: tfds.core.DatasetBuilder, split: str, keep: Callable[[int], bool]):
+    logging.warning(
+        '%s in %s is stored as %s, which has no random access: holding this process\'s encoded '
+        'examples of split %r in memory. Prepare it with file_format="array_record" to avoid it.',
+        CITYSCAPES_BUILDER, builder.data_dir, builder.info.file_format, split)
+    self._length = int(builder.info.splits[split].num_examples)
+    self._examples: dict[int, tuple[bytes, bytes]] = {}
+    ds = builder.as_dataset(split=split, decoders=_SKIP_DECODING, shuffle_files=False)
+    for index, example in enumerate(ds.as_numpy_iterator()):
+      if keep(index):
+        self._examples[index] = (example['image_left'], example['segmentation_label'])
+
+  def __len__(self) -> int:
+    return self._length
+
+  def get(self, index: int) -> tuple[bytes, bytes]:
+    return self._examples[int(index)]
+
+
+def _open_source(data_dir: str, split: str, keep: Callable[[int], bool]) -> _Source:
+  builder = _prepared_builder(data_dir)
+  split = _tfds_split(split)
+  formats = {f.value for f in builder.info.available_file_formats()} | {
+      builder.info.file_format.value}
+  if 'array_record' in formats:
+    return _ArrayRecordSource(builder, split)
+  return _InMemorySource(builder, split, keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Iterators that end cleanly.
+
+# Iterators not yet closed. A tf.data pipeline still running Python (the record reads) when the
+# interpreter shuts down aborts the process ("terminate called without an active exception",
+# exit status 134); closing them first, while Python is intact, avoids that.
+_LIVE_ITERATORS: weakref.WeakSet[NumpyIterator] = weakref.WeakSet()
+
+
+class NumpyIterator:
+  """Iterator over the NumPy batches of a tf.data pipeline, closed before the interpreter exits.
+
+  `close()` (or leaving a `with` block) stops the pipeline's background work and frees its
+  buffers; an iterator still open at exit is closed by an `atexit` hook.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset):
+    self._iterator = dataset.as_numpy_iterator()
+    _LIVE_ITERATORS.add(self)
+
+  def __iter__(self) -> NumpyIterator:
+    return self
+
+  def __next__(self) -> Batch:
+    if self._iterator is None:
+      raise StopIteration
+    return next(self._iterator)
+
+  def close(self) -> None:
+    # Dropping the only reference destroys the tf.data iterator, which cancels its work and
+    # waits for its threads.
+    self._iterator = None
+
+  def __enter__(self) -> NumpyIterator:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+  for iterator in list(_LIVE_ITERATORS):
+    iterator.close()
+  gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and transforms (TensorFlow, per example).
+
+
+def _fetch(source: _Source, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """Encoded (image, label) of example `index`, read in Python (the only non-TF step)."""
+
+  def get(i):
+    image_png, label_png = source.get(int(i))
+    # Object arrays: NumPy's fixed-width bytes would drop trailing NUL bytes.
+    return np.array(image_png, dtype=object), np.array(label_png, dtype=object)
+
+  image_png, label_png = tf.numpy_function(get, [index], (tf.string, tf.string), stateful=False)
+  image_png.set_shape([])
+  label_png.set_shape([])
+  return image_png, label_png
+
+
+def _decode(image_png: tf.Tensor, label_png: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """PNG bytes -> image [H, W, 3] uint8 RGB, raw label ids [H, W] uint8."""
+  image = tf.io.decode_png(image_png, channels=3)
+  label_ids = tf.io.decode_png(label_png, channels=1)[..., 0]
+  return image, label_ids
+
+
+def _to_train_ids(label_ids: tf.Tensor) -> tf.Tensor:
+  """Raw label ids [...] (any integer dtype) -> train ids [...] int32, 255 for ignored ids."""
+  label_ids = tf.cast(label_ids, tf.int32)
+  lut = tf.constant(cityscapes.LABEL_ID_TO_TRAIN_ID, dtype=tf.int32)
+  # uint8 PNGs cannot hold ids outside 0..255, but a wider dtype could: those are ignored too.
+  valid = (label_ids >= 0) & (label_ids < lut.shape[0])
+  train_ids = tf.gather(lut, tf.clip_by_value(label_ids, 0, lut.shape[0] - 1))
+  return tf.where(valid, train_ids, cityscapes.IGNORE_LABEL)
+
+
+def normalize(image: tf.Tensor, normalization: str) -> tf.Tensor:
+  """RGB image [..., 3] (uint8 or float, 0..255) -> normalised float32 [..., 3].
+
+  'caffe_bgr': channels reversed to BGR, minus CAFFE_BGR_MEAN, 0..255 scale (both reference
+  codes). 'imagenet_rgb': RGB / 255, minus IMAGENET_RGB_MEAN, divided by IMAGENET_RGB_STD.
+  """
+  image = tf.cast(image, tf.float32)
+  if normalization == 'caffe_bgr':
+    return image[..., ::-1] - tf.constant(CAFFE_BGR_MEAN, tf.float32)
+  if normalization == 'imagenet_rgb':
+    return ((image / 255.0 - tf.constant(IMAGENET_RGB_MEAN, tf.float32))
+            / tf.constant(IMAGENET_RGB_STD, tf.float32))
+  raise ValueError(f'unknown normalization {normalization!r}, expected one of {NORMALIZATIONS}')
+
+
+def _augment(image: tf.Tensor, label_ids: tf.Tensor, scale: tf.Tensor, offset_y: tf.Tensor,
+             offset_x: tf.Tensor, flip: tf.Tensor, *, crop_size: tuple[int, int],
+             normalization: str) -> tuple[tf.Tensor, tf.Tensor]:
+  """The reference training transform, image and label always together.
+
+  Scale (image bilinear, label nearest; both with half-pixel centres, so they stay aligned),
+  normalise, pad bottom / right up to the crop (image 0 after normalisation, label 255), crop at
+  the drawn position, flip. Computed as scale, crop, normalise, pad, which gives the same values
+  while normalising, padding and mapping ids only on the crop (at scale 2 a Cityscapes image is
+  8.4 M pixels, the crop 0.26 M).
+
+  Args:
+    image: [H, W, 3] uint8 RGB.
+    label_ids: [H, W] uint8 raw label ids.
+    scale: scalar float32 factor.
+    offset_y, offset_x: scalar float32 in [0, 1): crop position as a fraction of the free range.
+    flip: scalar bool.
+    crop_size: (height, width).
+    normalization: see `normalize`.
+
+  Returns:
+    image [crop_h, crop_w, 3] float32 normalised, label [crop_h, crop_w] int32 train ids.
+  """
+  crop_h, crop_w = crop_size
+  size = tf.cast(tf.shape(image)[:2], tf.float32)
+  # cv2.resize(fx=s, fy=s) of the reference rounds the new size to the nearest integer.
+  new_size = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), 1)
+  image = tf.image.resize(image, new_size, method='bilinear')  # float32
+  label_ids = tf.image.resize(label_ids[..., None], new_size, method='nearest')[..., 0]
+  # The crop window lives in the padded image (padding is at the bottom / right only): its
+  # position ranges over [0, max(new - crop, 0)].
+  free_h = tf.maximum(new_size[0] - crop_h, 0) + 1
+  free_w = tf.maximum(new_size[1] - crop_w, 0) + 1
+  y0 = tf.minimum(tf.cast(offset_y * tf.cast(free_h, tf.float32), tf.int32), free_h - 1)
+  x0 = tf.minimum(tf.cast(offset_x * tf.cast(free_w, tf.float32), tf.int32), free_w - 1)
+  # Slicing stops at the image's edge: what is missing is the padding.
+  image = normalize(image[y0:y0 + crop_h, x0:x0 + crop_w], normalization)
+  label = _to_train_ids(label_ids[y0:y0 + crop_h, x0:x0 + crop_w])
+  pad_h = crop_h - tf.shape(label)[0]
+  pad_w = crop_w - tf.shape(label)[1]
+  image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=0.0)
+  label = tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=cityscapes.IGNORE_LABEL)
+  # Both branches are crop-sized: selecting is cheaper than a tf.cond here and needs no lambdas.
+  image = tf.where(flip, image[:, ::-1], image)
+  label = tf.where(flip, label[:, ::-1], label)
+  image.set_shape([crop_h, crop_w, 3])
+  label.set_shape([crop_h, crop_w])
+  return image, label
+
+
+# ---------------------------------------------------------------------------------------------
+# The training stream.
+
+
+def _entropy(seed: int) -> int:
+  # SeedSequence takes non-negative integers; any Python int seed maps to one.
+  return int(seed) % (1 << 64)
+
+
+def epoch_order(seed: int, epoch: int, num_examples_in_split: int, process_index: int = 0,
+                process_count: int = 1) -> np.ndarray:
+  """Example indices [n_local] of process `process_index` in epoch `epoch`, in stream order.
+
+  The first `steps_per_epoch(...) * batch_size` of them are the epoch's examples.
+  """
+  local = np.arange(process_index, num_examples_in_split, process_count, dtype=np.int64)
+  rng = np.random.default_rng([_entropy(seed), 1, epoch, process_index])
+  return local[rng.permutation(local.shape[0])]
+
+
+def augmentation_params(seed: int, epoch: int, index: int, *, scales: Sequence[float] | None,
+                        scale_range: tuple[float, float] | None,
+                        flip: bool) -> tuple[float, float, float, bool]:
+  """(scale, crop offset y in [0, 1), crop offset x in [0, 1), flip) of one example in one epoch.
+
+  Drawn from (seed, epoch, example index) alone, so they do not depend on batch composition,
+  parallelism or where a run was resumed.
+  """
+  rng = np.random.default_rng([_entropy(seed), 2, epoch, index])
+  if scale_range is not None:
+    scale = rng.uniform(scale_range[0], scale_range[1])
+  elif scales:
+    scale = scales[int(rng.integers(len(scales)))]
+  else:
+    scale = 1.0
+  offset_y, offset_x = rng.random(2)
+  do_flip = bool(rng.random() < 0.5) if flip else False
+  return float(scale), float(offset_y), float(offset_x), do_flip
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+  if isinstance(size, (int, np.integer)):
+    return int(size), int(size)
+  size = tuple(int(s) for s in size)
+  if len(size) != 2:
+    raise ValueError(f'crop_size must be an int or (height, width), got {size!r}')
+  return size
+
+
+def _check_process(process_index: int, process_count: int):
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+
+
+def make_train_iterator(*, data_dir: str, split: str = 'train', batch_size: int,
+                        crop_size: int | Sequence[int], scales: Sequence[float] | None,
+                        flip: bool, normalization: str, seed: int, start_step: int = 0,
+                        process_index: int = 0, process_count: int = 1,
+                        scale_range: tuple[float, float] | None = None,
+                        include_index: bool = False,
+                        prefetch: int = 2) -> NumpyIterator:
+  """Infinite iterator over augmented training batches of this process.
+
+  The stream is a pure function of (seed, step) (see the module docstring); `start_step=s` yields
+  exactly what a fresh iterator yields from its s-th batch (0-based) on, reading nothing before.
+
+  Args:
+    data_dir: tfds data directory with `cityscapes/semantic_segmentation` prepared.
+    split: tfds split ('train', 'val', a slice like 'train[:100]', ...).
+    batch_size: per-process batch size B.
+    crop_size: crop (height, width), or an int for a square crop.
+    scales: random scale drawn uniformly from this list (reference: 0.7, 0.8, ..., 2.1); None or
+      empty with no `scale_range`: no scaling.
+    flip: random horizontal flip with p = 0.5.
+    normalization: 'caffe_bgr' or 'imagenet_rgb' (see `normalize`).
+    seed: data seed.
+    start_step: the first step to yield.
+    process_index, process_count: this process's place (jax.process_index(), jax.process_count()).
+    scale_range: (min, max): scale drawn uniformly from this range instead of from `scales`.
+    include_index: also yield 'index' [B] int32, the example indices (for tests and debugging).
+    prefetch: batches prepared ahead.
+
+  Yields:
+    {'image': [B, crop_h, crop_w, 3] float32 normalised, 'label': [B, crop_h, crop_w] int32 train
+    ids (255 ignored)}, plus 'index' [B] int32 with `include_index`.
+  """
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f'unknown normalization {normalization!r}, expected one of {NORMALIZATIONS}')
+  if scales and scale_range is not None:
+    raise ValueError('give either scales (a list) or scale_range (min, max), not both')
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}')
+  _check_process(process_index, process_count)
+  crop = _pair(crop_size)
+  scales = tuple(float(s) for s in scales) if scales else None
+  scale_range = tuple(float(s) for s in scale_range) if scale_range is not None else None
+  source = _open_source(data_dir, split, lambda i: i % process_count == process_index)
+  total = len(source)
+  per_epoch = steps_per_epoch(total, batch_size, process_count)
+  if per_epoch < 1:
+    raise ValueError(
+        f'split {split!r} of {data_dir} has {total} examples: fewer than one batch of '
+        f'{batch_size} per process for {process_count} process(es)')
+
+  # Permutations of the last few epochs: a batch never spans more than two.
+  order_of_epoch = functools.lru_cache(maxsize=4)(
+      lambda epoch: epoch_order(seed, epoch, total, process_index, process_count))
+
+  def plan(position):
+    # Position p of the stream (p = step * B + slot) in index space: which example, and how it
+    # is augmented. A pure function of p; nothing before p is ever computed.
+    step, slot = divmod(int(position), batch_size)
+    epoch, k = divmod(step, per_epoch)
+    index = int(order_of_epoch(epoch)[k * batch_size + slot])
+    scale, offset_y, offset_x, do_flip = augmentation_params(
+        seed, epoch, index, scales=scales, scale_range=scale_range, flip=flip)
+    return (np.int64(index), np.float32(scale), np.float32(offset_y), np.float32(offset_x),
+            np.bool_(do_flip))
+
+  def load(position):
+    index, scale, offset_y, offset_x, do_flip = tf.numpy_function(
+        plan, [position], (tf.int64, tf.float32, tf.float32, tf.float32, tf.bool),
+        stateful=False)
+    for t in (index, scale, offset_y, offset_x, do_flip):
+      t.set_shape([])
+    image, label = _decode(*_fetch(source, index))
+    image, label = _augment(image, label, scale, offset_y, offset_x, do_flip, crop_size=crop,
+                            normalization=normalization)
+    example = {'image': image, 'label': label}
+    if include_index:
+      example['index'] = tf.cast(index, tf.int32)
+    return example
+
+  ds = tf.data.Dataset.range(start_step * batch_size, np.iinfo(np.int64).max)
+  # deterministic=True: parallel decoding, results in stream order.
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.prefetch(prefetch)
+  return NumpyIterator(ds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def make_eval_iterator(*, data_dir: str, split: str = 'val', batch_size: int,
+                       normalization: str, process_index: int = 0, process_count: int = 1,
+                       prefetch: int = 2) -> NumpyIterator:
+  """One pass over this process's share of a split: whole images, no augmentation.
+
+  Process p reads the examples with index i % process_count == p, in index order. Every process
+  yields the same number of batches, `num_eval_batches(...)`; the missing places of the last
+  one(s) are padding (image 0, raw image 0, label 255, mask False, index -1), so no image is
+  dropped or duplicated. All images of a split must have one size (Cityscapes: 1024 x 2048).
+
+  Yields:
+    {'image': [B, H, W, 3] float32 normalised, 'label': [B, H, W] int32 train ids (255 ignored),
+     'mask': [B] bool (False for padding), 'raw_image': [B, H, W, 3] uint8 RGB as stored,
+     'index': [B] int32 example index in the split (-1 for padding)}.
+  """
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f'unknown normalization {normalization!r}, expected one of {NORMALIZATIONS}')
+  _check_process(process_index, process_count)
+  source = _open_source(data_dir, split, lambda i: i % process_count == process_index)
+  total = len(source)
+  local = np.arange(process_index, total, process_count, dtype=np.int64)
+  if total == 0:
+    raise ValueError(f'split {split!r} of {data_dir} is empty')
+  num_batches = num_eval_batches(total, batch_size, process_count)
+  indices = np.full((num_batches * batch_size,), -1, np.int64)
+  indices[:local.shape[0]] = local
+  # Padding is decoded from a real example (for its shape) and then blanked.
+  pad_source_index = int(local[0]) if local.shape[0] else 0
+
+  def load(index):
+    is_real = index >= 0
+    image_png, label_png = _fetch(source, tf.where(is_real, index, pad_source_index))
+    raw_image, label_ids = _decode(image_png, label_png)
+    image = normalize(raw_image, normalization)
+    label = _to_train_ids(label_ids)
+    return {
+        'image': tf.where(is_real, image, tf.zeros_like(image)),
+        'label': tf.where(is_real, label, tf.fill(tf.shape(label), cityscapes.IGNORE_LABEL)),
+        'mask': is_real,
+        'raw_image': tf.where(is_real, raw_image, tf.zeros_like(raw_image)),
+        'index': tf.cast(index, tf.int32),
+    }
+
+  ds = tf.data.Dataset.from_tensor_slices(indices)
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.prefetch(prefetch)
+  return NumpyIterator(ds)
+
+
+def dataset_info(name: str = 'cityscapes') -> cityscapes.DatasetInfo:
+  """The class table of a dataset this pipeline reads."""
+  if name != 'cityscapes':
+    raise ValueError(f'unknown dataset {name!r}')
+  return cityscapes.CITYSCAPES
+
+
+__all__ = [
+    'CAFFE_BGR_MEAN', 'CITYSCAPES_BUILDER', 'IMAGENET_RGB_MEAN', 'IMAGENET_RGB_STD',
+    'NORMALIZATIONS', 'NumpyIterator', 'augmentation_params', 'check_manual_dir', 'dataset_info',
+    'epoch_order',
+    'make_eval_iterator', 'make_train_iterator', 'normalize', 'num_eval_batches', 'num_examples',
+    'prepare_cityscapes', 'steps_per_epoch',
+]

@@ -1,0 +1,297 @@
+"""The training engine end to end on the tiny config: the step, sharding, checkpoints, resume."""
+
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from skd_jax import checkpoint as ckpt_lib
+from skd_jax import config_base
+from skd_jax import sharding as sharding_lib
+from skd_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_test_config() -> ml_collections.ConfigDict:
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('test_config', ROOT / 'configs' / 'test.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture(scope='module')
+def data_dirs(tmp_path_factory):
+  """The tiny synthetic dataset, written and prepared once for the module."""
+  root = tmp_path_factory.mktemp('data')
+  config = load_test_config()
+  config.data.manual_dir = str(root / 'manual')
+  config.data.tfds_data_dir = str(root / 'tfds')
+  train.prepare_data(config, root)
+  return config.data.manual_dir, config.data.tfds_data_dir
+
+
+@pytest.fixture(scope='module')
+def teacher_export(tmp_path_factory):
+  """A randomly initialised teacher written as an export (what `skd_jax.convert` writes)."""
+  config = load_test_config()
+  model = train.model_from_metadata(config, config.teacher, None)
+  variables = jax.jit(lambda: model.init(jax.random.key(7, impl='rbg'),
+                                         jnp.zeros((1, 64, 64, 3)), train=False))()
+  path = tmp_path_factory.mktemp('teacher_export')
+  ckpt_lib.save_variables(path, variables, metadata={
+      'arch': config.teacher.arch, 'num_classes': 19,
+      'overrides': dict(config.teacher.overrides)})
+  return str(path)
+
+
+def make_config(data_dirs, teacher=None, **changes):
+  config = load_test_config()
+  config.data.manual_dir, config.data.tfds_data_dir = data_dirs
+  if teacher is None:
+    config_base.distillation_off(config)
+  else:
+    config.teacher.checkpoint = teacher
+  for key, value in changes.items():
+    section, name = key.split('__')
+    config[section][name] = value
+  return config
+
+
+def run_main(workdir, data_dirs, teacher, *extra):
+  args = [sys.executable, '-m', 'skd_jax.main', '--config=configs/test.py', f'--workdir={workdir}',
+          f'--config.data.manual_dir={data_dirs[0]}', f'--config.data.tfds_data_dir={data_dirs[1]}',
+          f'--config.teacher.checkpoint={teacher}', '--config.optim.num_steps=4',
+          '--config.checkpoint.every_steps=2', '--config.eval.every_steps=4', *extra]
+  return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def final_student(workdir):
+  variables, meta = ckpt_lib.load_variables(pathlib.Path(workdir) / 'checkpoints')
+  return variables, meta
+
+
+def test_smoke_baseline_run_evaluates_checkpoints_and_resumes(data_dirs, tmp_path):
+  """A student-alone run: steps, eval, checkpoints, finite metrics; then resumed to more steps."""
+  workdir = tmp_path / 'baseline'
+  config = make_config(data_dirs, optim__num_steps=2, checkpoint__every_steps=2,
+                       eval__every_steps=2)
+  result = train.train_and_evaluate(config, workdir)
+  assert 0.0 <= result['student_miou'] <= 1.0 and result['teacher_miou'] is None
+  assert (workdir / 'checkpoints' / '2').is_dir() and (workdir / 'best' / '2').is_dir()
+  assert json.loads((workdir / 'result.json').read_text())['step'] == 2
+  # Automatic resume: the same workdir with more steps continues from step 2.
+  config.optim.num_steps = 4
+  result = train.train_and_evaluate(config, workdir)
+  _, meta = final_student(workdir)
+  assert meta['step'] == 4 and meta['data_position'] == 4
+  events = list((workdir / 'logs').glob('events.out.tfevents.*'))
+  assert events, 'no TensorBoard event file'
+  assert np.isfinite(result['student_miou'])
+
+
+def test_kill_and_resume_equals_straight_run(data_dirs, teacher_export, tmp_path):
+  straight = run_main(tmp_path / 'straight', data_dirs, teacher_export)
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  killed = run_main(tmp_path / 'killed', data_dirs, teacher_export,
+                    '--config.debug_exit_after_save_at=2')
+  assert killed.returncode == 3, killed.stderr[-3000:]
+  assert not (tmp_path / 'killed' / 'checkpoints' / '4').exists()
+  resumed = run_main(tmp_path / 'killed', data_dirs, teacher_export)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resumed from' in resumed.stderr
+  a, meta_a = final_student(tmp_path / 'straight')
+  b, meta_b = final_student(tmp_path / 'killed')
+  assert meta_a['step'] == meta_b['step'] == 4
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+  # The runs did train: the final student differs from the one at the resume point.
+  manager = ckpt_lib.open_manager(tmp_path / 'killed' / 'checkpoints', create=False)
+  assert sorted(manager.all_steps()) == [2, 4]
+
+
+def count_primitive(jaxpr, name: str) -> int:
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      count += 1
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      count += count_primitive(sub, name)
+  return count
+
+
+def abstract_step_inputs(ctx, batch_size=2, teacher_variables=None):
+  state = jax.eval_shape(functools.partial(train.create_train_state, ctx, (batch_size, 64, 64, 3)),
+                         0)
+  batch = {'image': jax.ShapeDtypeStruct((batch_size, 64, 64, 3), jnp.float32),
+           'label': jax.ShapeDtypeStruct((batch_size, 64, 64), jnp.int32)}
+  return state, batch, teacher_variables or {}
+
+
+def test_baseline_step_compiles_no_teacher_or_discriminator_work():
+  config = load_test_config()
+  teacher = train.model_from_metadata(config, config.teacher, None)
+  teacher_vars = jax.eval_shape(lambda: teacher.init(jax.random.key(0, impl='rbg'),
+                                                     jnp.zeros((1, 64, 64, 3)), train=False))
+  convs = {}
+  for name, weights in {'baseline': dict(lambda_pi=0, lambda_pa=0, lambda_ho=0),
+                        'pixel_only': dict(lambda_pi=1, lambda_pa=0, lambda_ho=0),
+                        'skd': {}}.items():
+    c = load_test_config()
+    for k, v in weights.items():
+      c.loss[k] = v
+    ctx = train.make_step_context(c, teacher)
+    state, batch, tv = abstract_step_inputs(ctx, teacher_variables=teacher_vars)
+    jaxpr = jax.make_jaxpr(functools.partial(train.train_step, ctx=ctx))(state, batch, tv).jaxpr
+    convs[name] = count_primitive(jaxpr, 'conv_general_dilated')
+    if name == 'baseline':
+      assert ctx.teacher is None and ctx.disc is None and state.disc_params == {}
+  # A student forward + backward: each conv appears 3 times (forward, two gradients), except the
+  # first layer's, whose input gradient is not needed.
+  student_convs = sum(1 for _ in jax.tree.leaves(
+      jax.eval_shape(lambda: train.student_model(config).init(
+          jax.random.key(0, impl='rbg'), jnp.zeros((1, 64, 64, 3)), train=False))['params'])
+      if _.ndim == 4)
+  assert convs['baseline'] == 3 * student_convs - 1
+  teacher_convs = sum(1 for x in jax.tree.leaves(teacher_vars['params']) if x.ndim == 4)
+  assert convs['pixel_only'] == convs['baseline'] + teacher_convs
+  assert convs['skd'] > convs['pixel_only']  # the discriminator's
+
+
+def test_batch_that_does_not_divide_over_devices_is_a_clear_error():
+  mesh = sharding_lib.make_mesh([jax.devices()[0]] * 1)
+  assert sharding_lib.check_batch_size(8, mesh, 'optim.batch_size') == 8
+  fake_mesh = type('M', (), {'devices': np.empty((3,))})()
+  with pytest.raises(ValueError, match=r'optim.batch_size = 8 does not divide over the 3 devices'):
+    sharding_lib.check_batch_size(8, fake_mesh, 'optim.batch_size')
+
+
+def test_checkpoint_round_trip_and_non_finite_refusal(tmp_path):
+  config = load_test_config()
+  ctx = train.make_step_context(config, None)
+  state = train.create_train_state(ctx, (2, 64, 64, 3), 3)
+  manager = ckpt_lib.open_manager(tmp_path / 'checkpoints', max_to_keep=2)
+  ckpt_lib.save_train_state(manager, 5, state, {'step': 5, 'arch': 'pspnet_resnet18'})
+  manager.wait_until_finished()
+  abstract = jax.eval_shape(lambda: state)
+  restored, meta = ckpt_lib.restore_train_state(manager, 5, abstract)
+  assert meta['step'] == 5 and type(restored) is train.TrainState
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The student variables come back through the generic loader too, from the workdir.
+  variables, meta = ckpt_lib.load_variables(tmp_path)
+  np.testing.assert_array_equal(
+      variables['params']['head']['classifier']['kernel'],
+      np.asarray(state.student_params['head']['classifier']['kernel']))
+  # Nothing non-finite is ever written.
+  bad = state.replace(student_params=jax.tree.map(lambda x: x.at[...].set(jnp.nan),
+                                                  state.student_params))
+  with pytest.raises(FloatingPointError, match='non-finite values in .*student_params'):
+    ckpt_lib.save_train_state(manager, 6, bad, {'step': 6})
+  with pytest.raises(FloatingPointError, match='non-finite'):
+    ckpt_lib.save_variables(tmp_path / 'export', {'params': bad.student_params}, metadata={})
+  manager.wait_until_finished()
+  assert manager.all_steps() == [5]
+
+
+def test_non_finite_loss_stops_the_run_naming_the_term(data_dirs, tmp_path):
+  config = make_config(data_dirs, optim__lr=1e30, optim__num_steps=4, checkpoint__every_steps=4,
+                       eval__every_steps=4)
+  with pytest.raises(FloatingPointError, match=r'non-finite .*loss/'):
+    train.train_and_evaluate(config, tmp_path)
+  assert not list((tmp_path / 'checkpoints').glob('[0-9]*'))
+
+
+def test_misspelt_override_is_an_error():
+  out = subprocess.run([sys.executable, '-m', 'skd_jax.main', '--config=configs/test.py',
+                        '--workdir=/tmp/unused', '--config.loss.lamda_pa=1'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and 'lamda_pa' in out.stderr
+
+
+MULTI_DEVICE_CHECK = textwrap.dedent('''
+    import functools, sys
+    import jax, jax.numpy as jnp, numpy as np
+    sys.path.insert(0, 'tests')
+    from test_train import load_test_config
+    from skd_jax import sharding as sharding_lib, train
+    assert jax.device_count() == 8, jax.devices()
+    config = load_test_config()
+    # A gentler learning rate than the test config's: with random inputs, random labels and the
+    # batch-summed pixel term, the reference settings amplify float32 rounding differences (sums
+    # taken in another order on 8 devices) by 1e3 within 3 steps, which says nothing about
+    # sharding. Everything else is the full SKD step.
+    config.optim.lr = 1e-3
+    teacher = train.model_from_metadata(config, config.teacher, None)
+    teacher_vars = jax.jit(lambda: teacher.init(jax.random.key(1, impl='rbg'),
+                                                jnp.zeros((1, 64, 64, 3)), train=False))()
+    ctx = train.make_step_context(config, teacher)
+    rng = np.random.default_rng(0)
+    batches = [{'image': rng.normal(0, 50, (8, 64, 64, 3)).astype(np.float32),
+                'label': rng.integers(0, 19, (8, 64, 64)).astype(np.int32)} for _ in range(3)]
+    batches[0]['label'][:, :8] = 255
+    def run(devices):
+      mesh = sharding_lib.make_mesh(devices)
+      repl = sharding_lib.replicated(mesh)
+      state = jax.device_put(train.create_train_state(ctx, (8, 64, 64, 3), 0), repl)
+      step = train.jit_train_step(ctx, mesh)
+      tv = jax.device_put(teacher_vars, repl)
+      for batch in batches:
+        state, metrics = step(state, sharding_lib.global_batch(batch, mesh), tv)
+      return jax.device_get(state), jax.device_get(metrics)
+    one, m1 = run(jax.devices()[:1])
+    eight, m8 = run(jax.devices())
+    worst = {'student': 0.0, 'disc': 0.0}
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one), jax.tree.leaves(eight)):
+      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+      if not a.size:
+        continue
+      name = jax.tree_util.keystr(path)
+      # The discriminator's input BatchNorm divides raw logits by their (small, at init) spread,
+      # magnifying the students' float32 rounding differences; its own sharding is checked
+      # exactly below.
+      part, tol = ('disc', 1e-3) if name.startswith('.disc') else ('student', 1e-5)
+      worst[part] = max(worst[part], float(np.max(np.abs(a - b) / (1 + np.abs(a)))))
+      assert np.allclose(a, b, rtol=tol, atol=tol), (name, np.max(np.abs(a - b)))
+    assert int(one.step) == 3 and np.isfinite(m1['loss/total'])
+
+    # The discriminator's gradients (WGAN + gradient penalty) on identical inputs: 1e-6.
+    from skd_jax import losses
+    disc = ctx.disc
+    real = rng.normal(0, 1, (8, 9, 9, 19)).astype(np.float32)
+    fake = rng.normal(0, 1, (8, 9, 9, 19)).astype(np.float32)
+    def disc_loss(params, stats, real, fake):
+      critic = lambda x: disc.apply({'params': params, 'batch_stats': stats}, x, train=True,
+                                    mutable=['batch_stats'])[0]
+      return (losses.critic_loss(critic(real), critic(fake))
+              + losses.gradient_penalty(critic, real, fake, jax.random.key(3)))
+    def disc_grads(devices):
+      mesh = sharding_lib.make_mesh(devices)
+      r, b = sharding_lib.replicated(mesh), sharding_lib.batch_sharded(mesh)
+      f = jax.jit(jax.grad(disc_loss), in_shardings=(r, r, b, b), out_shardings=r)
+      return jax.device_get(f(one.disc_params, one.disc_batch_stats, real, fake))
+    for a, b in zip(jax.tree.leaves(disc_grads(jax.devices()[:1])),
+                    jax.tree.leaves(disc_grads(jax.devices()))):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    print('MAX_REL_DIFF', worst, 'LOSS', m1['loss/total'], m8['loss/total'])
+''')
+
+
+def test_eight_devices_give_the_same_state_as_one():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  out = subprocess.run([sys.executable, '-c', MULTI_DEVICE_CHECK], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert 'MAX_REL_DIFF' in out.stdout
