@@ -8,10 +8,11 @@ then trains three networks in WORKDIR/{teacher,student,student_skd}:
   - teacher: PSPNet-ResNet18 at 1/2 width (4x the student's parameters), 900 steps;
   - student alone: PSPNet-ResNet18 at 1/4 width, 600 steps;
   - student + SKD: the same student distilled from that teacher with the reference weights
-    (pixel-wise 10, pair-wise 0.5, holistic 0.1, WGAN-GP), 600 steps.
+    (pixel-wise 10, pair-wise 0.5, holistic 0.1, WGAN-GP), 600 steps, but with the pixel-wise
+    term averaged per pixel (`loss.pi_reduction='mean'`) instead of the reference's batch sum.
 and prints a table of their validation mIoU (also WORKDIR/demo_results.json).
 
-Sized for 2 CPU cores: about 10 minutes in all. No network, no downloads, no accelerator. The
+Sized for 2 CPU cores: about 12 minutes in all. No network, no downloads, no accelerator. The
 mIoU is over the classes present in the synthetic scenes. The README shows the table one run gave.
 """
 
@@ -40,6 +41,11 @@ def get_config():
   c.teacher.overrides.width_multiplier = 0.5
   c.disc.features = (16, 16, 32, 32)
   c.disc.min_input_size = 64      # 13x13 logit maps are upsampled for the discriminator
+
+  # The reference sums the pixel-wise term over the batch (x8 here: 80x the per-pixel KL), tuned
+  # for an ImageNet-initialised student over 40k steps. From scratch in 600 steps it swamps the
+  # cross-entropy: that run ended at 13.7 mIoU against 19.4 for the student alone.
+  c.loss.pi_reduction = 'mean'
 
   c.optim.batch_size = 8
   c.optim.num_steps = 600
