@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from skd_jax.paths import as_path
 
 EXPORT_METADATA = 'skd_jax.json'
 ITEMS = ('state', 'meta')
@@ -53,7 +54,7 @@ def save_variables(directory: str | os.PathLike, variables: Mapping[str, Any], *
                    metadata: Mapping[str, Any]) -> None:
   """Writes model variables (``{'params', 'batch_stats'}``) and JSON metadata as an export."""
   check_finite(variables, 'model variables')
-  directory = pathlib.Path(directory).absolute()
+  directory = as_path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / 'variables', dict(variables), force=True)
@@ -66,7 +67,7 @@ def open_manager(directory: str | os.PathLike, *, max_to_keep: int | None = None
                  create: bool = True) -> ocp.CheckpointManager:
   """A `CheckpointManager` over the ``state`` and ``meta`` items of a training run."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
-  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
+  return ocp.CheckpointManager(as_path(directory), options=options,
                                item_names=ITEMS)
 
 
@@ -86,21 +87,21 @@ def restore_train_state(manager: ocp.CheckpointManager, step: int,
   return restored.state, restored.meta
 
 
-def _is_step_dir(path: pathlib.Path) -> bool:
+def _is_step_dir(path) -> bool:
   return (path / 'state').is_dir() and (path / 'meta').is_dir()
 
 
-def _latest_step_dir(manager_dir: pathlib.Path) -> pathlib.Path | None:
+def _latest_step_dir(manager_dir):
   steps = [int(p.name) for p in manager_dir.iterdir() if p.name.isdigit() and _is_step_dir(p)]
   return manager_dir / str(max(steps)) if steps else None
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
+def resolve_checkpoint(path: str | os.PathLike):
   """The export or step folder that `path` designates (see the module docstring).
 
   A training workdir resolves to its best-mIoU checkpoint if it has one, else its latest.
   """
-  path = pathlib.Path(path).expanduser().absolute()
+  path = as_path(path)
   if not path.exists():
     raise FileNotFoundError(
         f'checkpoint {str(path)!r} does not exist. Give a training workdir of this program, one of '
@@ -117,6 +118,18 @@ def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
       f'meta/ (a step folder), or numbered step folders under best/ or checkpoints/ (a workdir).')
 
 
+def _host_target(item_dir) -> Any:
+  """Restore target: every array of a saved pytree on this process's first device.
+
+  Whatever devices and processes wrote it: without a target, orbax rebuilds the writer's
+  shardings, which fail on another topology ("Topology mismatch") or span devices this process
+  cannot read (another host's).
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  tree = ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+
+
 def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
   """Model variables ``{'params', 'batch_stats'}`` and metadata from a run or an export.
 
@@ -125,13 +138,15 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
   """
   path = resolve_checkpoint(path)
   if (path / EXPORT_METADATA).is_file():
-    variables = ocp.StandardCheckpointer().restore(path / 'variables')
+    variables = ocp.StandardCheckpointer().restore(path / 'variables',
+                                                   _host_target(path / 'variables'))
     metadata = json.loads((path / EXPORT_METADATA).read_text())
     return dict(variables), metadata
   manager = open_manager(path.parent, create=False)
   try:
     restored = manager.restore(int(path.name), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(_host_target(path / 'state')),
+        meta=ocp.args.JsonRestore()))
   finally:
     manager.close()
   state = restored.state

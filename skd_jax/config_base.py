@@ -14,6 +14,11 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.dtype = 'float32'             # compute dtype of the networks ('bfloat16' on accelerators)
+  # Device mesh: the batch is split over 'data'; 'model' > 1 splits the teacher's kernels along
+  # their largest dimension (for teachers too big for one device). -1 = all remaining devices.
+  # 'model' must divide the devices of one host.
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'model': 1})
+  c.mesh_shard_student = False    # True: the student's kernels (and momenta) split over 'model' too
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'cityscapes'
@@ -23,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tfds_data_dir = ''       # '' = WORKDIR/data/tfds
   c.data.train_split = 'train'
   c.data.eval_split = 'val'
+  c.data.eval_pad_size = ()       # () = the split's largest image (datasets of mixed sizes)
   c.data.crop_size = (512, 512)
   c.data.scales = tuple(round(0.7 + 0.1 * i, 1) for i in range(15))  # 0.7, 0.8, ..., 2.1
   c.data.flip = True
@@ -89,6 +95,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 8           # global
   c.eval.every_steps = 4000
   c.eval.ignore_absent_classes = False   # reference: absent classes count as IoU 0
+  # Inference (any combination; see skd_jax/evaluate.py). The reference reports whole-image,
+  # single-scale, unflipped results; its code also has the sliding window (tiles of crop_size,
+  # 1/3 overlap), multi-scale and flip.
+  c.eval.sliding_window = False
+  c.eval.crop_size = ()           # sliding-window tile (h, w); () = data.crop_size
+  c.eval.scales = (1.0,)          # logits averaged over these image scales
+  c.eval.flip = False             # also average the horizontally flipped image's logits
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 2000

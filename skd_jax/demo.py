@@ -12,7 +12,6 @@ Each phase resumes like any run, so an interrupted demo continues where it stopp
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 
 from absl import logging
@@ -21,12 +20,13 @@ import ml_collections
 
 from skd_jax import config_base
 from skd_jax import train
+from skd_jax.paths import as_path
 
 PHASES = ('teacher', 'student', 'student_skd')
 
 
 def phase_config(config: ml_collections.ConfigDict, phase: str,
-                 workdir: pathlib.Path) -> ml_collections.ConfigDict:
+                 workdir) -> ml_collections.ConfigDict:
   """The config of one phase: a plain run config (no `phases`)."""
   c = ml_collections.ConfigDict(config.to_dict())
   del c['phases']
@@ -49,7 +49,7 @@ def phase_config(config: ml_collections.ConfigDict, phase: str,
 
 def run_phases(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Runs `config.phases` in order and returns {phase: final mIoU}."""
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = as_path(workdir)
   results, timings = {}, {}
   for phase in config.phases:
     start = time.time()

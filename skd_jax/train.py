@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import pathlib
-import time
 from typing import Any, Iterator
 
 from absl import logging
@@ -36,6 +35,7 @@ from skd_jax import losses
 from skd_jax import sharding as sharding_lib
 from skd_jax.models import create_segmenter
 from skd_jax.models.discriminator import Discriminator
+from skd_jax.paths import as_path
 
 PyTree = Any
 
@@ -290,7 +290,8 @@ def load_model(config: ml_collections.ConfigDict, section: ml_collections.Config
   """(module, variables) of a network from a run's workdir, a checkpoint, an export or a .pth.
 
   `section` (config.teacher or config.student) gives the architecture where the checkpoint does
-  not record it (a .pth); the variables are checked against the network before use.
+  not record it (a .pth); the variables are checked against the network before use. They come
+  back as host (NumPy) arrays, which `jax.device_put` can place on a mesh over several hosts.
   """
   if str(path).endswith(('.pth', '.pt')):
     from skd_jax import convert  # pylint: disable=g-import-not-at-top
@@ -303,7 +304,8 @@ def load_model(config: ml_collections.ConfigDict, section: ml_collections.Config
   expected = jax.eval_shape(
       lambda: model.init(jax.random.key(0, impl='rbg'), jnp.zeros((1, 64, 64, 3)), train=False))
   _check_same_structure(expected, variables, f'checkpoint {path}')
-  return model, {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  return model, jax.tree.map(np.asarray, variables)
 
 
 def load_teacher(config: ml_collections.ConfigDict):
@@ -316,9 +318,16 @@ def load_teacher(config: ml_collections.ConfigDict):
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
-                        checkpoint: str | None = None, which: str = 'student') -> dict[str, Any]:
-  """Evaluates a run's best (else latest) checkpoint, `checkpoint`, or the config's teacher."""
-  mesh = sharding_lib.make_mesh()
+                        checkpoint: str | None = None, which: str = 'student',
+                        export_dir: str | None = None, export_color: bool = False
+                        ) -> dict[str, Any]:
+  """Evaluates a run's best (else latest) checkpoint, `checkpoint`, or the config's teacher.
+
+  Uses the inference of ``config.eval`` (whole image, sliding window, scales, flip). With
+  `export_dir`, also writes each image's prediction there as a Cityscapes label-id PNG (and, with
+  `export_color`, a colour rendering to ``<export_dir>_color``); see `eval_lib.PredictionExporter`.
+  """
+  mesh = sharding_lib.make_mesh(shape=config.mesh)
   per_process_batch = sharding_lib.check_batch_size(config.eval.batch_size, mesh,
                                                     'eval.batch_size')
   data_dir = prepare_data(config, workdir)
@@ -329,15 +338,28 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: pathlib.Path
     path = checkpoint or workdir
     model, variables = load_model(config, config.student, path)
     name = f'student from {path}'
-  variables = jax.device_put(variables, sharding_lib.replicated(mesh))
+  # Kernels split over 'model' as in training (replicated when config.mesh.model is 1).
+  variables = jax.device_put(variables, sharding_lib.model_parallel(variables, mesh))
+  inference = eval_lib.inference_options(config)
   evaluator = eval_lib.make_evaluator(model, mesh, num_classes=config.data.num_classes,
-                                      ignore_label=config.data.ignore_label)
+                                      ignore_label=config.data.ignore_label, **inference)
+  exporter = None
+  if export_dir:
+    exporter = eval_lib.prediction_exporter(
+        data_dir, config.data.eval_split, export_dir, dataset=config.data.dataset,
+        num_classes=config.data.num_classes, color=export_color)
   from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  confusion = evaluator(variables, eval_iterator(config, data_dir, per_process_batch))
+  confusion = evaluator(variables, eval_iterator(config, data_dir, per_process_batch),
+                        on_predictions=exporter)
   metrics = eval_lib.metrics_from_confusion(
       confusion, class_names(config), ignore_absent_classes=config.eval.ignore_absent_classes)
   return {'metrics': metrics, 'name': name, 'split': config.data.eval_split,
-          'num_images': pipeline.num_examples(data_dir, config.data.eval_split)}
+          'num_images': pipeline.num_examples(data_dir, config.data.eval_split,
+                                              config.data.dataset),
+          'inference': eval_lib.InferenceMode(**inference).describe(), 'confusion': confusion,
+          'export_dir': str(exporter.export_dir) if exporter else None,
+          'color_dir': str(exporter.color_dir) if exporter and exporter.color_dir else None,
+          'num_exported': exporter.num_written if exporter else 0}
 
 
 def _check_same_structure(expected: PyTree, got: PyTree, what: str) -> None:
@@ -397,11 +419,35 @@ def make_step_context(config: ml_collections.ConfigDict, teacher: nn.Module | No
                      disc_lr=disc_lr, loss=cfg)
 
 
-def jit_train_step(ctx: StepContext, mesh: jax.sharding.Mesh):
-  """`train_step` jitted over the mesh: state replicated and donated, batch sharded."""
+def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,
+                    shard_student: bool = False) -> TrainState:
+  """A `TrainState` of `NamedSharding`s: all replicated, except with `shard_student`.
+
+  With `shard_student`, the student's kernels and their optimiser momenta are split over
+  ``'model'`` by `sharding_lib.model_parallel`; the discriminator stays replicated (it is small).
+  """
+  shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract_state)
+  if shard_student:
+    shardings = shardings.replace(
+        student_params=sharding_lib.model_parallel(abstract_state.student_params, mesh),
+        student_opt_state=sharding_lib.model_parallel(abstract_state.student_opt_state, mesh))
+  return shardings
+
+
+def jit_train_step(ctx: StepContext, mesh: jax.sharding.Mesh, state_sharding: Any = None,
+                   teacher_sharding: Any = None):
+  """`train_step` jitted over the mesh: the batch sharded over ``'data'``, the state donated.
+
+  The state and the teacher's variables are replicated unless their shardings are given (trees
+  of `NamedSharding`, e.g. from `state_shardings` and `sharding_lib.model_parallel`); the state
+  keeps its sharding from step to step.
+  """
   repl, batch = sharding_lib.replicated(mesh), sharding_lib.batch_sharded(mesh)
-  return jax.jit(functools.partial(train_step, ctx=ctx), in_shardings=(repl, batch, repl),
-                 out_shardings=(repl, repl), donate_argnums=(0,))
+  state_sharding = repl if state_sharding is None else state_sharding
+  teacher_sharding = repl if teacher_sharding is None else teacher_sharding
+  return jax.jit(functools.partial(train_step, ctx=ctx),
+                 in_shardings=(state_sharding, batch, teacher_sharding),
+                 out_shardings=(state_sharding, repl), donate_argnums=(0,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,30 +455,51 @@ def jit_train_step(ctx: StepContext, mesh: jax.sharding.Mesh):
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> str:
-  """Prepares the tfds dataset (writing the synthetic archives first if configured); its dir."""
+  """Prepares `config.data.dataset` with tfds (writing the synthetic Cityscapes stand-in first if
+  configured); returns the tfds data dir."""
   from skd_jax.data import pipeline, synthetic  # pylint: disable=g-import-not-at-top
   data = config.data
   manual_dir = data.manual_dir or str(workdir / 'data' / 'manual')
   data_dir = data.tfds_data_dir or str(workdir / 'data' / 'tfds')
-  if data.synthetic and jax.process_index() == 0:
-    if not all((pathlib.Path(manual_dir) / z).exists() for z in pipeline.CITYSCAPES_ZIPS):
+  if data.synthetic and data.dataset != 'cityscapes':
+    raise ValueError(
+        'config.data.synthetic writes a Cityscapes stand-in, but config.data.dataset is '
+        f'{data.dataset!r}: set --config.data.synthetic=False and --config.data.manual_dir.')
+
+  def prepare() -> None:
+    if data.synthetic and not all((as_path(manual_dir) / z).exists()
+                                  for z in pipeline.CITYSCAPES_ZIPS):
       logging.info('Writing the synthetic Cityscapes stand-in to %s', manual_dir)
       synthetic.write_synthetic_cityscapes(
           manual_dir, num_train=data.synthetic_num_train, num_val=data.synthetic_num_val,
           num_test=data.synthetic_num_test, height=data.synthetic_height,
           width=data.synthetic_width, seed=data.synthetic_seed)
-  pipeline.prepare_cityscapes(manual_dir, data_dir)
+    pipeline.prepare_dataset(data.dataset, manual_dir, data_dir)
+
+  # Multi-host: process 0 prepares while the others wait, so that no two write one folder. The
+  # others then find it prepared (a shared folder) or, where the folder is host-local, prepare
+  # their own copy (synthetic data is a pure function of its seed).
+  if jax.process_index() == 0:
+    prepare()
+  sharding_lib.sync('prepare_data')
+  if jax.process_index() > 0:
+    prepare()
   return data_dir
 
 
-def train_iterator(config, data_dir: str, start_step: int, per_process_batch: int) -> Iterator:
+def train_iterator(config, data_dir: str, start_step: int, per_process_batch: int, *,
+                   process_index: int | None = None, process_count: int | None = None
+                   ) -> Iterator:
+  """This process's training batches (another process's, given `process_index` and count)."""
   from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   data = config.data
   return pipeline.make_train_iterator(
       data_dir=data_dir, split=data.train_split, batch_size=per_process_batch,
       crop_size=tuple(data.crop_size), scales=tuple(data.scales) or None, flip=data.flip,
       normalization=data.normalization, seed=config.seed, start_step=start_step,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index() if process_index is None else process_index,
+      process_count=jax.process_count() if process_count is None else process_count,
+      dataset=data.dataset)
 
 
 def eval_iterator(config, data_dir: str, per_process_batch: int) -> Iterator:
@@ -440,7 +507,8 @@ def eval_iterator(config, data_dir: str, per_process_batch: int) -> Iterator:
   return pipeline.make_eval_iterator(
       data_dir=data_dir, split=config.data.eval_split, batch_size=per_process_batch,
       normalization=config.data.normalization, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), dataset=config.data.dataset,
+      pad_size=tuple(config.data.eval_pad_size) or None)
 
 
 def class_names(config) -> list[str]:
@@ -464,10 +532,30 @@ def _write_samples(writer, step: int, samples: dict[str, np.ndarray], prediction
   writer.write_images(step, images)
 
 
-def _predict(model, variables, images: np.ndarray, out_hw) -> np.ndarray:
-  logits = jax.jit(eval_lib.predict_logits, static_argnums=(0, 3))(model, variables, images,
-                                                                    tuple(out_hw))
-  return np.asarray(jnp.argmax(logits, axis=-1))
+def _predict_labels(model, variables, images: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+  return jnp.argmax(eval_lib.predict_logits(model, variables, images, out_hw), axis=-1)
+
+
+def _predict(model, variables, images: np.ndarray, out_hw, mesh: jax.sharding.Mesh) -> np.ndarray:
+  """Predicted train ids [N, *out_hw] of `images` [N, H, W, 3], the same on every process.
+
+  `images` must be identical on every process (`_eval_samples`); the result is replicated so
+  that each process can read it whole.
+  """
+  predict = jax.jit(_predict_labels, static_argnums=(0, 3),
+                    out_shardings=sharding_lib.replicated(mesh))
+  return np.asarray(predict(model, variables, images, tuple(out_hw)))
+
+
+def _eval_samples(config, data_dir: str, per_process_batch: int) -> dict[str, np.ndarray]:
+  """The first `config.log.num_images` validation images, the same on every process."""
+  with eval_iterator(config, data_dir, per_process_batch) as batches:
+    local = next(batches)
+  num = config.log.num_images
+  gathered = sharding_lib.gather_to_all(
+      {k: local[k][:num] for k in ('image', 'raw_image', 'label', 'mask')})
+  real = gathered.pop('mask')   # padding places of a process with few images
+  return {k: v[real][:num] for k, v in gathered.items()}
 
 
 def _check_metrics(metrics: dict[str, float], step: int) -> None:
@@ -480,9 +568,9 @@ def _check_metrics(metrics: dict[str, float], step: int) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the configured run in `workdir`; returns the final eval metrics."""
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh = sharding_lib.make_mesh()
+  mesh = sharding_lib.make_mesh(shape=config.mesh)
   per_process_batch = sharding_lib.check_batch_size(config.optim.batch_size, mesh,
                                                     'optim.batch_size')
   per_process_eval_batch = sharding_lib.check_batch_size(config.eval.batch_size, mesh,
@@ -498,8 +586,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if cfg.uses_teacher:
     teacher, teacher_variables = load_teacher(config)
   ctx = make_step_context(config, teacher)
-  repl = sharding_lib.replicated(mesh)
-  teacher_variables = jax.device_put(teacher_variables, repl) if teacher else {}
+  # The teacher's kernels split over 'model' (replicated when config.mesh.model is 1).
+  teacher_sharding = sharding_lib.model_parallel(teacher_variables, mesh) if teacher else {}
+  teacher_variables = jax.device_put(teacher_variables, teacher_sharding) if teacher else {}
 
   image_shape = (per_process_batch, *config.data.crop_size, 3)
   pretrained = None
@@ -508,16 +597,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     fresh = jax.jit(lambda: ctx.student.init(jax.random.key(config.seed, impl='rbg'),
                                              jnp.zeros((1, *image_shape[1:])), train=False))()
     pretrained = convert.load_torch_backbone(config.student.pretrained, fresh)
+  abstract_state = jax.eval_shape(functools.partial(create_train_state, ctx, image_shape),
+                                  config.seed, pretrained)
+  state_sharding = state_shardings(abstract_state, mesh, config.mesh_shard_student)
   make_state = jax.jit(functools.partial(create_train_state, ctx, image_shape),
-                       out_shardings=repl)
-  abstract_state = jax.eval_shape(make_state, config.seed, pretrained)
+                       out_shardings=state_sharding)
 
   manager = ckpt_lib.open_manager(workdir / 'checkpoints', max_to_keep=config.checkpoint.keep)
   best_manager = ckpt_lib.open_manager(workdir / 'best', max_to_keep=1)
   meta = {'best_miou': -1.0}
   if manager.latest_step() is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-                            abstract_state)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract_state, state_sharding)
     state, meta = ckpt_lib.restore_train_state(manager, manager.latest_step(), abstract)
     logging.info('Resumed from %s at step %d', manager.directory, int(state.step))
   else:
@@ -527,16 +618,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(state.step)
 
   evaluator = eval_lib.make_evaluator(ctx.student, mesh, num_classes=config.data.num_classes,
-                                      ignore_label=config.data.ignore_label)
+                                      ignore_label=config.data.ignore_label,
+                                      **eval_lib.inference_options(config))
   absent = config.eval.ignore_absent_classes
-  samples = next(eval_iterator(config, data_dir, per_process_eval_batch))
-  samples = {k: v[:config.log.num_images] for k, v in samples.items()}
+  samples = _eval_samples(config, data_dir, per_process_eval_batch)
   sample_predictions = {}
   teacher_miou = meta.get('teacher_miou')
   if teacher is not None:
     if teacher_miou is None:
       teacher_eval = eval_lib.make_evaluator(teacher, mesh, num_classes=config.data.num_classes,
-                                             ignore_label=config.data.ignore_label)
+                                             ignore_label=config.data.ignore_label,
+                                             **eval_lib.inference_options(config))
       teacher_metrics = eval_lib.metrics_from_confusion(
           teacher_eval(teacher_variables, eval_iterator(config, data_dir, per_process_eval_batch)),
           names, ignore_absent_classes=absent)
@@ -544,9 +636,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info('%s', eval_lib.format_table(teacher_metrics, 'Teacher:'))
       writer.write_scalars(start_step, {'eval/teacher_miou': teacher_miou})
     sample_predictions['teacher'] = _predict(teacher, teacher_variables, samples['image'],
-                                             samples['label'].shape[1:3])
+                                             samples['label'].shape[1:3], mesh)
 
-  step_fn = jit_train_step(ctx, mesh)
+  step_fn = jit_train_step(ctx, mesh, state_sharding, teacher_sharding)
   batches = train_iterator(config, data_dir, start_step, per_process_batch)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                                     every_steps=config.log.every_steps)
@@ -567,6 +659,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     variables = {'params': state.student_params, 'batch_stats': state.student_batch_stats}
     confusion = evaluator(variables, eval_iterator(config, data_dir, per_process_eval_batch))
     eval_metrics = eval_lib.metrics_from_confusion(confusion, names, ignore_absent_classes=absent)
+    eval_metrics['confusion'] = np.asarray(confusion).tolist()   # in result.json, for checks
     scalars = {'eval/miou': eval_metrics['miou'],
                'eval/pixel_accuracy': eval_metrics['pixel_accuracy'],
                'eval/mean_accuracy': eval_metrics['mean_accuracy']}
@@ -575,7 +668,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       scalars['eval/teacher_miou'] = teacher_miou
     writer.write_scalars(step, scalars)
     predictions = dict(sample_predictions, student=_predict(
-        ctx.student, variables, samples['image'], samples['label'].shape[1:3]))
+        ctx.student, variables, samples['image'], samples['label'].shape[1:3], mesh))
     _write_samples(writer, step, samples, predictions, config)
     logging.info('step %d: student mIoU %.4f%s', step, eval_metrics['miou'],
                  '' if teacher_miou is None else f' (teacher {teacher_miou:.4f})')
@@ -587,6 +680,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return dict(meta, step=step, data_position=step, teacher_miou=teacher_miou,
                 **model_metadata(config))
 
+  if start_step >= num_steps:  # a finished run resumed: report its final evaluation again
+    run_eval(start_step)
   for step in range(start_step + 1, num_steps + 1):
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       batch = sharding_lib.global_batch(next(batches), mesh)

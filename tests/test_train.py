@@ -96,9 +96,36 @@ def test_smoke_baseline_run_evaluates_checkpoints_and_resumes(data_dirs, tmp_pat
   result = train.train_and_evaluate(config, workdir)
   _, meta = final_student(workdir)
   assert meta['step'] == 4 and meta['data_position'] == 4
-  events = list((workdir / 'logs').glob('events.out.tfevents.*'))
-  assert events, 'no TensorBoard event file'
-  assert np.isfinite(result['student_miou'])
+  scalars = read_scalars(workdir / 'logs')
+  for tag in ('train/loss/ce', 'train/loss/aux_ce', 'train/loss/total', 'train/grad_norm/student',
+              'train/lr/student', 'eval/miou', 'eval_iou/road', 'steps_per_sec'):
+    assert tag in scalars, sorted(scalars)
+  assert all(np.isfinite(v) for values in scalars.values() for _, v in values)
+  assert [step for step, _ in scalars['train/loss/ce']] == [1, 2, 3, 4]
+  # The standalone evaluation of the best checkpoint reproduces the mIoU logged for it.
+  out = subprocess.run(
+      [sys.executable, '-m', 'skd_jax.evaluate', '--config=configs/test.py', f'--workdir={workdir}',
+       f'--config.data.manual_dir={data_dirs[0]}', f'--config.data.tfds_data_dir={data_dirs[1]}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  evaluated = json.loads((workdir / 'eval_student_val.json').read_text())
+  _, best_meta = ckpt_lib.load_variables(workdir)
+  assert evaluated['miou'] == pytest.approx(best_meta['best_miou'], abs=1e-6)
+  assert len(evaluated['per_class_iou']) == 19 and 'mIoU' in out.stdout
+
+
+def read_scalars(logdir):
+  """{tag: [(step, value)]} of the scalar summaries clu wrote (images and hparams skipped)."""
+  import tensorflow as tf
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={'tensors': 0})
+  acc.Reload()
+  scalars = {}
+  for tag in acc.Tags()['tensors']:
+    values = [(e.step, tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+    if all(v.ndim == 0 and v.dtype.kind == 'f' for _, v in values):
+      scalars[tag] = [(step, float(v)) for step, v in values]
+  return scalars
 
 
 def test_kill_and_resume_equals_straight_run(data_dirs, teacher_export, tmp_path):
@@ -119,6 +146,34 @@ def test_kill_and_resume_equals_straight_run(data_dirs, teacher_export, tmp_path
   # The runs did train: the final student differs from the one at the resume point.
   manager = ckpt_lib.open_manager(tmp_path / 'killed' / 'checkpoints', create=False)
   assert sorted(manager.all_steps()) == [2, 4]
+
+
+def test_confusion_matrix_and_metrics_match_numpy():
+  from skd_jax import evaluate as eval_lib
+  rng = np.random.default_rng(0)
+  label = rng.integers(0, 5, (3, 7, 9))
+  label[0, :2] = 255
+  pred = rng.integers(0, 5, (3, 7, 9))
+  mask = np.array([True, True, False])
+  got = np.asarray(eval_lib.confusion_matrix(jnp.asarray(pred), jnp.asarray(label),
+                                             jnp.asarray(mask), 5))
+  want = np.zeros((5, 5), np.int64)
+  for n in range(2):
+    for y, p in zip(label[n].ravel(), pred[n].ravel()):
+      if y != 255:
+        want[y, p] += 1
+  np.testing.assert_array_equal(got, want)
+  metrics = eval_lib.metrics_from_confusion(want, list('abcde'))
+  iou = [want[c, c] / (want[c].sum() + want[:, c].sum() - want[c, c]) for c in range(5)]
+  assert metrics['miou'] == pytest.approx(np.mean(iou))
+  assert metrics['per_class_iou']['c'] == pytest.approx(iou[2])
+  assert metrics['pixel_accuracy'] == pytest.approx(np.trace(want) / want.sum())
+  # A class absent from labels and predictions: IoU 0 in the reference mean, left out optionally.
+  want[3, :] = 0
+  want[:, 3] = 0
+  ref = eval_lib.metrics_from_confusion(want)
+  present = eval_lib.metrics_from_confusion(want, ignore_absent_classes=True)
+  assert ref['miou'] == pytest.approx(present['miou'] * 4 / 5)
 
 
 def count_primitive(jaxpr, name: str) -> int:
@@ -295,3 +350,26 @@ def test_eight_devices_give_the_same_state_as_one():
                        capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-4000:]
   assert 'MAX_REL_DIFF' in out.stdout
+
+
+def test_teacher_given_as_pth_is_converted_on_the_fly():
+  """config.teacher.checkpoint may name a PyTorch .pth: the loaded teacher matches PyTorch."""
+  parity = ROOT / 'tests' / 'data' / 'parity'
+  config = load_test_config()
+  config.data.num_classes = 5
+  config.teacher.arch = 'pspnet_resnet18'
+  config.teacher.overrides = ml_collections.ConfigDict()  # the width is read from the file
+  config.teacher.checkpoint = str(parity / 'skd_student_r18.pth')
+  model, variables = train.load_teacher(config)
+  arrays = dict(np.load(parity / 'skd_student_r18.npz'))
+  # The fixture stores its input at half resolution, repeated 2x2 (as tests/test_convert.py).
+  images = arrays['input_half_res'].astype(np.float32).repeat(2, axis=1).repeat(2, axis=2)
+  images = images[:, :int(arrays['input_hw'][0]), :int(arrays['input_hw'][1])]
+  logits, _, _ = model.apply(variables, images, train=False)
+  np.testing.assert_allclose(logits, arrays['logits'], atol=1e-4)
+
+
+def test_cloud_workdirs_are_not_mangled_into_local_paths():
+  from skd_jax.paths import as_path
+  assert str(as_path('gs://bucket/runs/skd') / 'checkpoints') == 'gs://bucket/runs/skd/checkpoints'
+  assert str(as_path('runs/x')) == os.path.join(os.getcwd(), 'runs', 'x')

@@ -1,10 +1,14 @@
-"""The host-side input pipeline: tfds Cityscapes -> tf.data -> NumPy batches.
+"""The host-side input pipeline: a tfds dataset -> tf.data -> NumPy batches.
 
-Preparation runs the real tfds builder `cityscapes/semantic_segmentation` on the two official
-archives (or the synthetic stand-ins from `skd_jax.data.synthetic`) and stores the split as
-ArrayRecord, which has random access. Reading then never goes through the builder's image
-features, which declare 1024x2048 and so reject any other size: the PNG bytes are read as they
-are (`tfds.decode.SkipDecoding`) and decoded with `tf.io.decode_png`.
+Any dataset of `skd_jax.data.datasets` (Cityscapes, CamVid, Pascal VOC + SBD, ADE20K; every
+function takes its name, 'cityscapes' by default). Preparation runs its tfds builder on the files
+in the manual directory (for Cityscapes the real builder `cityscapes/semantic_segmentation` on the
+two official archives, or the synthetic stand-ins from `skd_jax.data.synthetic`) and stores the
+splits as ArrayRecord, which has random access. Reading then never goes through the builder's
+image features (Cityscapes' declare 1024x2048 and so reject any other size): the encoded bytes are
+read as they are (`tfds.decode.SkipDecoding`) and decoded here, images with `tf.io.decode_jpeg`
+(which reads PNG too, and decodes JPEG with the accurate IDCT, as PIL and OpenCV do), label maps
+with `tf.io.decode_png`; the dataset's lookup table turns the stored label values into train ids.
 
 Training stream, a pure function of (seed, step) -- and of the split size, the batch size, the
 process index and count:
@@ -52,6 +56,7 @@ except (RuntimeError, ValueError):  # Devices already initialised, or no such de
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 from skd_jax.data import cityscapes  # pylint: disable=g-bad-import-order
+from skd_jax.data import datasets  # pylint: disable=g-bad-import-order
 
 Batch = dict[str, np.ndarray]
 
@@ -151,22 +156,24 @@ def check_manual_dir(manual_dir: str) -> None:
         'release?')
 
 
-def _builder(data_dir: str, **kwargs) -> tfds.core.DatasetBuilder:
+def _builder(data_dir: str, dataset: str = 'cityscapes', **kwargs) -> tfds.core.DatasetBuilder:
   # data_dir always passed: nothing goes to ~/tensorflow_datasets unless asked.
-  return tfds.builder(CITYSCAPES_BUILDER, data_dir=os.fspath(data_dir), **kwargs)
+  return tfds.builder(datasets.get(dataset).builder_name, data_dir=os.fspath(data_dir), **kwargs)
 
 
-def prepare_cityscapes(manual_dir: str, data_dir: str, *,
-                       file_format: str = 'array_record') -> dict[str, int]:
-  """Prepares `cityscapes/semantic_segmentation` in `data_dir` from the archives in `manual_dir`.
+def prepare_dataset(name: str, manual_dir: str, data_dir: str, *,
+                    file_format: str = 'array_record') -> dict[str, int]:
+  """Prepares the registered dataset `name` in `data_dir` from the files in `manual_dir`.
 
-  Runs the real tfds builder, offline. Does nothing when the dataset is already prepared in
-  `data_dir` (the archives are then not needed). The archives are extracted into a temporary
-  folder under `data_dir` (under the system's temporary directory when `data_dir` is remote)
-  that is removed afterwards (for the real data, 11 GB).
+  Runs its tfds builder, offline. Does nothing when the dataset is already prepared in `data_dir`
+  (the manual directory is then not needed); otherwise checks the manual directory first, so that
+  a missing or incomplete one stops here with one message naming what is missing and where. What
+  a builder extracts (the Cityscapes archives: 11 GB) goes to a temporary folder under `data_dir`
+  (under the system's temporary directory when `data_dir` is remote), removed afterwards.
 
   Args:
-    manual_dir: directory holding leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip.
+    name: 'cityscapes', 'camvid', 'voc' or 'ade20k' (see `skd_jax.data.datasets`).
+    manual_dir: the downloads, as the dataset's module describes.
     data_dir: tfds data directory to prepare into.
     file_format: 'array_record' (random access, what the training iterator wants) or 'tfrecord'
       (then read through an in-memory copy of each process's examples).
@@ -176,14 +183,14 @@ def prepare_cityscapes(manual_dir: str, data_dir: str, *,
     'test').
   """
   data_dir = os.fspath(data_dir)
-  builder = _builder(data_dir, file_format=file_format)
+  builder = _builder(data_dir, name, file_format=file_format)
   if not builder.is_prepared():
-    check_manual_dir(manual_dir)
+    datasets.get(name).check_manual_dir(manual_dir)
     tf.io.gfile.makedirs(data_dir)
     downloads = os.path.join(data_dir, 'downloads')
     had_downloads = tf.io.gfile.exists(downloads)
     # Extracted next to the data (same disk, which has room for it), unless that is remote.
-    extract_dir = tempfile.mkdtemp(prefix='cityscapes_extracted_',
+    extract_dir = tempfile.mkdtemp(prefix=f'{name}_extracted_',
                                    dir=None if '://' in data_dir else data_dir)
     try:
       builder.download_and_prepare(
@@ -196,31 +203,50 @@ def prepare_cityscapes(manual_dir: str, data_dir: str, *,
       if not had_downloads and tf.io.gfile.isdir(downloads) and not tf.io.gfile.listdir(downloads):
         tf.io.gfile.rmtree(downloads)
   else:
-    logging.info('%s already prepared in %s', CITYSCAPES_BUILDER, data_dir)
-  return {str(name): int(info.num_examples) for name, info in builder.info.splits.items()}
+    logging.info('%s already prepared in %s', datasets.get(name).builder_name, data_dir)
+  return {str(split): int(info.num_examples) for split, info in builder.info.splits.items()}
+
+
+def prepare_cityscapes(manual_dir: str, data_dir: str, *,
+                       file_format: str = 'array_record') -> dict[str, int]:
+  """`prepare_dataset('cityscapes', ...)`: `manual_dir` holds leftImg8bit_trainvaltest.zip and
+  gtFine_trainvaltest.zip."""
+  return prepare_dataset('cityscapes', manual_dir, data_dir, file_format=file_format)
 
 
 def _tfds_split(split: str) -> str:
-  # Cityscapes calls it 'val'; tfds calls it 'validation'. Both work here, slices included.
+  # The datasets call it 'val'; tfds calls it 'validation'. Both work here, slices included.
   if split == 'val' or split.startswith('val['):
     return 'validation' + split[3:]
   return split
 
 
-def _prepared_builder(data_dir: str) -> tfds.core.DatasetBuilder:
-  builder = _builder(data_dir)
+def _prepared_builder(data_dir: str, dataset: str = 'cityscapes') -> tfds.core.DatasetBuilder:
+  builder = _builder(data_dir, dataset)
   if not builder.is_prepared():
+    how = (f'call skd_jax.data.pipeline.prepare_dataset({dataset!r}, manual_dir, data_dir) first '
+           '(config.data.dataset and config.data.manual_dir, in a training run)')
+    if dataset == 'cityscapes':
+      how = ('call skd_jax.data.pipeline.prepare_cityscapes(manual_dir, data_dir) first, or '
+             '`python -m skd_jax.data.synthetic --out=MANUAL_DIR --data_dir=DATA_DIR` for '
+             'synthetic data')
     raise FileNotFoundError(
-        f'{CITYSCAPES_BUILDER} is not prepared in {data_dir} (looked for {builder.data_path}): '
-        'call skd_jax.data.pipeline.prepare_cityscapes(manual_dir, data_dir) first, or '
-        '`python -m skd_jax.data.synthetic --out=MANUAL_DIR --data_dir=DATA_DIR` for synthetic '
-        'data.')
+        f'{datasets.get(dataset).builder_name} is not prepared in {data_dir} (looked for '
+        f'{builder.data_path}): {how}.')
   return builder
 
 
-def num_examples(data_dir: str, split: str) -> int:
+def num_examples(data_dir: str, split: str, dataset: str = 'cityscapes') -> int:
   """Number of examples of a prepared split ('train', 'val' / 'validation', 'test', or a slice)."""
-  return int(_prepared_builder(data_dir).info.splits[_tfds_split(split)].num_examples)
+  return int(_prepared_builder(data_dir, dataset).info.splits[_tfds_split(split)].num_examples)
+
+
+def image_sizes(data_dir: str, split: str, dataset: str = 'cityscapes') -> dict | None:
+  """{'max': [H, W], 'uniform': bool} of a prepared split's images, as its builder recorded them
+  (the builders of `skd_jax.data.datasets`); None when not recorded (Cityscapes)."""
+  builder = _prepared_builder(data_dir, dataset)
+  split = _tfds_split(split).split('[')[0]
+  return (builder.info.metadata or {}).get(datasets.IMAGE_SIZES_KEY, {}).get(split)
 
 
 def steps_per_epoch(num_examples_in_split: int, batch_size: int, process_count: int = 1) -> int:
@@ -248,35 +274,41 @@ class _Source:
     raise NotImplementedError
 
 
+def _skip_decoding(spec: datasets.Dataset) -> dict[str, tfds.decode.SkipDecoding]:
+  return {spec.image_key: tfds.decode.SkipDecoding(), spec.label_key: tfds.decode.SkipDecoding()}
+
+
 class _ArrayRecordSource(_Source):
   """Reads records on demand; array_record's reader is shared and thread-safe."""
 
-  def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
-    self._source = builder.as_data_source(split, decoders=_SKIP_DECODING)
+  def __init__(self, builder: tfds.core.DatasetBuilder, split: str, spec: datasets.Dataset):
+    self._source = builder.as_data_source(split, decoders=_skip_decoding(spec))
+    self._keys = (spec.image_key, spec.label_key)
 
   def __len__(self) -> int:
     return len(self._source)
 
   def get(self, index: int) -> tuple[bytes, bytes]:
     example = self._source[int(index)]
-    return example['image_left'], example['segmentation_label']
+    return example[self._keys[0]], example[self._keys[1]]
 
 
 class _InMemorySource(_Source):
   """Holds the encoded examples of the indices in `keep` (a TFRecord preparation has no random
   access); reads the whole split once, decoding nothing."""
 
-  def __init__(self, builder: tfds.core.DatasetBuilder, split: str, keep: Callable[[int], bool]):
+  def __init__(self, builder: tfds.core.DatasetBuilder, split: str, keep: Callable[[int], bool],
+               spec: datasets.Dataset):
     logging.warning(
         '%s in %s is stored as %s, which has no random access: holding this process\'s encoded '
         'examples of split %r in memory. Prepare it with file_format="array_record" to avoid it.',
-        CITYSCAPES_BUILDER, builder.data_dir, builder.info.file_format, split)
+        spec.builder_name, builder.data_dir, builder.info.file_format, split)
     self._length = int(builder.info.splits[split].num_examples)
     self._examples: dict[int, tuple[bytes, bytes]] = {}
-    ds = builder.as_dataset(split=split, decoders=_SKIP_DECODING, shuffle_files=False)
+    ds = builder.as_dataset(split=split, decoders=_skip_decoding(spec), shuffle_files=False)
     for index, example in enumerate(ds.as_numpy_iterator()):
       if keep(index):
-        self._examples[index] = (example['image_left'], example['segmentation_label'])
+        self._examples[index] = (example[spec.image_key], example[spec.label_key])
 
   def __len__(self) -> int:
     return self._length
@@ -285,14 +317,16 @@ class _InMemorySource(_Source):
     return self._examples[int(index)]
 
 
-def _open_source(data_dir: str, split: str, keep: Callable[[int], bool]) -> _Source:
-  builder = _prepared_builder(data_dir)
+def _open_source(data_dir: str, split: str, keep: Callable[[int], bool],
+                 dataset: str = 'cityscapes') -> _Source:
+  builder = _prepared_builder(data_dir, dataset)
+  spec = datasets.get(dataset)
   split = _tfds_split(split)
   formats = {f.value for f in builder.info.available_file_formats()} | {
       builder.info.file_format.value}
   if 'array_record' in formats:
-    return _ArrayRecordSource(builder, split)
-  return _InMemorySource(builder, split, keep)
+    return _ArrayRecordSource(builder, split, spec)
+  return _InMemorySource(builder, split, keep, spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,17 +394,23 @@ def _fetch(source: _Source, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   return image_png, label_png
 
 
-def _decode(image_png: tf.Tensor, label_png: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """PNG bytes -> image [H, W, 3] uint8 RGB, raw label ids [H, W] uint8."""
-  image = tf.io.decode_png(image_png, channels=3)
+def _decode(image_bytes: tf.Tensor, label_png: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """Encoded image (PNG or JPEG), label PNG -> image [H, W, 3] uint8 RGB, raw ids [H, W] uint8."""
+  # decode_jpeg reads PNGs too; for JPEGs, the accurate IDCT gives PIL's and OpenCV's pixels
+  # (TensorFlow's default, the fast one, differs from them by up to a few levels).
+  image = tf.io.decode_jpeg(image_bytes, channels=3, dct_method='INTEGER_ACCURATE')
   label_ids = tf.io.decode_png(label_png, channels=1)[..., 0]
   return image, label_ids
 
 
-def _to_train_ids(label_ids: tf.Tensor) -> tf.Tensor:
-  """Raw label ids [...] (any integer dtype) -> train ids [...] int32, 255 for ignored ids."""
+def _to_train_ids(label_ids: tf.Tensor,
+                  label_lut: np.ndarray = cityscapes.LABEL_ID_TO_TRAIN_ID) -> tf.Tensor:
+  """Raw label ids [...] (any integer dtype) -> train ids [...] int32, 255 for ignored ids.
+
+  label_lut: [256] the dataset's train id of each stored value (default: Cityscapes' ids).
+  """
   label_ids = tf.cast(label_ids, tf.int32)
-  lut = tf.constant(cityscapes.LABEL_ID_TO_TRAIN_ID, dtype=tf.int32)
+  lut = tf.constant(label_lut, dtype=tf.int32)
   # uint8 PNGs cannot hold ids outside 0..255, but a wider dtype could: those are ignored too.
   valid = (label_ids >= 0) & (label_ids < lut.shape[0])
   train_ids = tf.gather(lut, tf.clip_by_value(label_ids, 0, lut.shape[0] - 1))
@@ -394,7 +434,8 @@ def normalize(image: tf.Tensor, normalization: str) -> tf.Tensor:
 
 def _augment(image: tf.Tensor, label_ids: tf.Tensor, scale: tf.Tensor, offset_y: tf.Tensor,
              offset_x: tf.Tensor, flip: tf.Tensor, *, crop_size: tuple[int, int],
-             normalization: str) -> tuple[tf.Tensor, tf.Tensor]:
+             normalization: str, label_lut: np.ndarray = cityscapes.LABEL_ID_TO_TRAIN_ID
+             ) -> tuple[tf.Tensor, tf.Tensor]:
   """The reference training transform, image and label always together.
 
   Scale (image bilinear, label nearest; both with half-pixel centres, so they stay aligned),
@@ -411,6 +452,7 @@ def _augment(image: tf.Tensor, label_ids: tf.Tensor, scale: tf.Tensor, offset_y:
     flip: scalar bool.
     crop_size: (height, width).
     normalization: see `normalize`.
+    label_lut: [256] the dataset's train id of each raw label value.
 
   Returns:
     image [crop_h, crop_w, 3] float32 normalised, label [crop_h, crop_w] int32 train ids.
@@ -429,7 +471,7 @@ def _augment(image: tf.Tensor, label_ids: tf.Tensor, scale: tf.Tensor, offset_y:
   x0 = tf.minimum(tf.cast(offset_x * tf.cast(free_w, tf.float32), tf.int32), free_w - 1)
   # Slicing stops at the image's edge: what is missing is the padding.
   image = normalize(image[y0:y0 + crop_h, x0:x0 + crop_w], normalization)
-  label = _to_train_ids(label_ids[y0:y0 + crop_h, x0:x0 + crop_w])
+  label = _to_train_ids(label_ids[y0:y0 + crop_h, x0:x0 + crop_w], label_lut)
   pad_h = crop_h - tf.shape(label)[0]
   pad_w = crop_w - tf.shape(label)[1]
   image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=0.0)
@@ -482,12 +524,12 @@ def augmentation_params(seed: int, epoch: int, index: int, *, scales: Sequence[f
   return float(scale), float(offset_y), float(offset_x), do_flip
 
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+def _pair(size: int | Sequence[int], name: str = 'crop_size') -> tuple[int, int]:
   if isinstance(size, (int, np.integer)):
     return int(size), int(size)
   size = tuple(int(s) for s in size)
   if len(size) != 2:
-    raise ValueError(f'crop_size must be an int or (height, width), got {size!r}')
+    raise ValueError(f'{name} must be an int or (height, width), got {size!r}')
   return size
 
 
@@ -502,14 +544,14 @@ def make_train_iterator(*, data_dir: str, split: str = 'train', batch_size: int,
                         process_index: int = 0, process_count: int = 1,
                         scale_range: tuple[float, float] | None = None,
                         include_index: bool = False,
-                        prefetch: int = 2) -> NumpyIterator:
+                        prefetch: int = 2, dataset: str = 'cityscapes') -> NumpyIterator:
   """Infinite iterator over augmented training batches of this process.
 
   The stream is a pure function of (seed, step) (see the module docstring); `start_step=s` yields
   exactly what a fresh iterator yields from its s-th batch (0-based) on, reading nothing before.
 
   Args:
-    data_dir: tfds data directory with `cityscapes/semantic_segmentation` prepared.
+    data_dir: tfds data directory with the dataset prepared (`prepare_dataset`).
     split: tfds split ('train', 'val', a slice like 'train[:100]', ...).
     batch_size: per-process batch size B.
     crop_size: crop (height, width), or an int for a square crop.
@@ -523,6 +565,7 @@ def make_train_iterator(*, data_dir: str, split: str = 'train', batch_size: int,
     scale_range: (min, max): scale drawn uniformly from this range instead of from `scales`.
     include_index: also yield 'index' [B] int32, the example indices (for tests and debugging).
     prefetch: batches prepared ahead.
+    dataset: the registered dataset to read (`skd_jax.data.datasets`; config.data.dataset).
 
   Yields:
     {'image': [B, crop_h, crop_w, 3] float32 normalised, 'label': [B, crop_h, crop_w] int32 train
@@ -538,7 +581,8 @@ def make_train_iterator(*, data_dir: str, split: str = 'train', batch_size: int,
   crop = _pair(crop_size)
   scales = tuple(float(s) for s in scales) if scales else None
   scale_range = tuple(float(s) for s in scale_range) if scale_range is not None else None
-  source = _open_source(data_dir, split, lambda i: i % process_count == process_index)
+  source = _open_source(data_dir, split, lambda i: i % process_count == process_index, dataset)
+  label_lut = datasets.get(dataset).label_lut
   total = len(source)
   per_epoch = steps_per_epoch(total, batch_size, process_count)
   if per_epoch < 1:
@@ -569,7 +613,7 @@ def make_train_iterator(*, data_dir: str, split: str = 'train', batch_size: int,
       t.set_shape([])
     image, label = _decode(*_fetch(source, index))
     image, label = _augment(image, label, scale, offset_y, offset_x, do_flip, crop_size=crop,
-                            normalization=normalization)
+                            normalization=normalization, label_lut=label_lut)
     example = {'image': image, 'label': label}
     if include_index:
       example['index'] = tf.cast(index, tf.int32)
@@ -587,25 +631,83 @@ def make_train_iterator(*, data_dir: str, split: str = 'train', batch_size: int,
 # Evaluation.
 
 
+def eval_pad_size(data_dir: str, split: str, dataset: str = 'cityscapes',
+                  pad_size: int | Sequence[int] | None = None) -> tuple[int, int] | None:
+  """The (height, width) that evaluation pads the images of a split to, or None (as stored).
+
+  `pad_size` when given (then at least the split's largest image, when that was recorded); else
+  the split's largest image when its images vary in size (VOC, ADE20K: recorded at preparation);
+  else None (Cityscapes, CamVid: one size).
+  """
+  sizes = image_sizes(data_dir, split, dataset)
+  # () is how a config says none (a ConfigDict field keeps its type).
+  if pad_size is None or (not isinstance(pad_size, (int, np.integer)) and not len(pad_size)):
+    return tuple(sizes['max']) if sizes and not sizes['uniform'] else None
+  pad = _pair(pad_size, 'pad_size (config.data.eval_pad_size)')
+  if sizes and (sizes['max'][0] > pad[0] or sizes['max'][1] > pad[1]):
+    raise ValueError(
+        f'pad_size (config.data.eval_pad_size) {pad} is smaller than the largest image of split '
+        f'{split!r} of {dataset}, {sizes["max"][0]}x{sizes["max"][1]} (height x width): give at '
+        'least that, or none to pad to it.')
+  return pad
+
+
+def _pad_bottom_right(example: dict[str, tf.Tensor], pad: tuple[int, int], index: tf.Tensor,
+                      what: str) -> dict[str, tf.Tensor]:
+  """Pads 'image' (with 0), 'raw_image' (0) and 'label' (255) of one example to `pad` (H, W)."""
+  height, width = tf.shape(example['label'])[0], tf.shape(example['label'])[1]
+  fits = tf.debugging.Assert(
+      (height <= pad[0]) & (width <= pad[1]),
+      [f'An image of {what} is larger than the evaluation pad size {pad}: set pad_size '
+       '(config.data.eval_pad_size) to at least its size. Example index, height, width:',
+       index, height, width])
+  with tf.control_dependencies([fits]):
+    paddings = [[0, pad[0] - height], [0, pad[1] - width]]
+  padded = {
+      'image': tf.pad(example['image'], paddings + [[0, 0]]),
+      'raw_image': tf.pad(example['raw_image'], paddings + [[0, 0]]),
+      'label': tf.pad(example['label'], paddings, constant_values=cityscapes.IGNORE_LABEL),
+  }
+  for key, value in padded.items():
+    value.set_shape([*pad, 3] if key != 'label' else pad)
+  return {**example, **padded}
+
+
 def make_eval_iterator(*, data_dir: str, split: str = 'val', batch_size: int,
                        normalization: str, process_index: int = 0, process_count: int = 1,
-                       prefetch: int = 2) -> NumpyIterator:
+                       prefetch: int = 2, dataset: str = 'cityscapes',
+                       pad_size: int | Sequence[int] | None = None) -> NumpyIterator:
   """One pass over this process's share of a split: whole images, no augmentation.
 
   Process p reads the examples with index i % process_count == p, in index order. Every process
   yields the same number of batches, `num_eval_batches(...)`; the missing places of the last
   one(s) are padding (image 0, raw image 0, label 255, mask False, index -1), so no image is
-  dropped or duplicated. All images of a split must have one size (Cityscapes: 1024 x 2048).
+  dropped or duplicated.
+
+  A batch has one shape, so images of varying sizes (VOC, ADE20K) are padded at the bottom and
+  right to one size (`eval_pad_size`: the split's largest image unless `pad_size` says more):
+  image 0 after normalisation (the mean colour), raw image 0, label 255, so padded pixels never
+  count in the metrics. Batches then compile once. The network does see the padding: context
+  pooled over the whole image (PSP, ASPP image pooling) differs from that of the unpadded image,
+  where the references evaluate one image at a time at its own size.
+
+  Args:
+    data_dir, split, normalization, process_index, process_count, prefetch, dataset: as for
+      `make_train_iterator`.
+    batch_size: per-process batch size.
+    pad_size: (height, width) or int to pad every image to; None: see above.
 
   Yields:
     {'image': [B, H, W, 3] float32 normalised, 'label': [B, H, W] int32 train ids (255 ignored),
      'mask': [B] bool (False for padding), 'raw_image': [B, H, W, 3] uint8 RGB as stored,
-     'index': [B] int32 example index in the split (-1 for padding)}.
+     'index': [B] int32 example index in the split (-1 for padding)}; H, W the pad size, if any.
   """
   if normalization not in NORMALIZATIONS:
     raise ValueError(f'unknown normalization {normalization!r}, expected one of {NORMALIZATIONS}')
   _check_process(process_index, process_count)
-  source = _open_source(data_dir, split, lambda i: i % process_count == process_index)
+  source = _open_source(data_dir, split, lambda i: i % process_count == process_index, dataset)
+  label_lut = datasets.get(dataset).label_lut
+  pad = eval_pad_size(data_dir, split, dataset, pad_size)
   total = len(source)
   local = np.arange(process_index, total, process_count, dtype=np.int64)
   if total == 0:
@@ -621,14 +723,17 @@ def make_eval_iterator(*, data_dir: str, split: str = 'val', batch_size: int,
     image_png, label_png = _fetch(source, tf.where(is_real, index, pad_source_index))
     raw_image, label_ids = _decode(image_png, label_png)
     image = normalize(raw_image, normalization)
-    label = _to_train_ids(label_ids)
-    return {
+    label = _to_train_ids(label_ids, label_lut)
+    example = {
         'image': tf.where(is_real, image, tf.zeros_like(image)),
         'label': tf.where(is_real, label, tf.fill(tf.shape(label), cityscapes.IGNORE_LABEL)),
         'mask': is_real,
         'raw_image': tf.where(is_real, raw_image, tf.zeros_like(raw_image)),
         'index': tf.cast(index, tf.int32),
     }
+    if pad is not None:
+      example = _pad_bottom_right(example, pad, index, f'split {split!r} of {dataset}')
+    return example
 
   ds = tf.data.Dataset.from_tensor_slices(indices)
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -638,16 +743,14 @@ def make_eval_iterator(*, data_dir: str, split: str = 'val', batch_size: int,
 
 
 def dataset_info(name: str = 'cityscapes') -> cityscapes.DatasetInfo:
-  """The class table of a dataset this pipeline reads."""
-  if name != 'cityscapes':
-    raise ValueError(f'unknown dataset {name!r}')
-  return cityscapes.CITYSCAPES
+  """The class table (names, colours, ignore label) of a registered dataset."""
+  return datasets.get(name).info
 
 
 __all__ = [
     'CAFFE_BGR_MEAN', 'CITYSCAPES_BUILDER', 'IMAGENET_RGB_MEAN', 'IMAGENET_RGB_STD',
     'NORMALIZATIONS', 'NumpyIterator', 'augmentation_params', 'check_manual_dir', 'dataset_info',
-    'epoch_order',
+    'epoch_order', 'eval_pad_size', 'image_sizes',
     'make_eval_iterator', 'make_train_iterator', 'normalize', 'num_eval_batches', 'num_examples',
-    'prepare_cityscapes', 'steps_per_epoch',
+    'prepare_cityscapes', 'prepare_dataset', 'steps_per_epoch',
 ]

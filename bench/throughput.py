@@ -1,0 +1,274 @@
+r"""Training throughput of a config: the full SKD step and the student-alone step.
+
+    python bench/throughput.py --config=configs/cityscapes.py [--crop=H,W] [--batch=N] \
+        [--steps=N] [--warmup=N] [--config.dtype=bfloat16 ...]
+
+For each of the two steps (the configured objective; the same with every distillation weight 0,
+where neither the teacher nor the discriminator is compiled) it builds exactly what
+`skd_jax.train.train_and_evaluate` runs -- `train.make_step_context`, `train.create_train_state`,
+`train.jit_train_step` over the mesh of `config.mesh` (every device) with the batch sharded by
+`skd_jax.sharding` -- feeds it random inputs (no dataset) and a randomly initialised teacher, and
+prints a markdown table:
+
+* images/s: global batch / the median step time over `--steps` steps after `--warmup` steps;
+* compile: seconds to trace, lower and compile the step (XLA);
+* GFLOP/step: the FLOPs XLA's cost analysis counts in the compiled step (per device: the
+  partitioned program), and the rate they were executed at;
+* peak memory: XLA's memory analysis of the compiled step, per device: temporaries + arguments +
+  outputs - aliased (the donated state, counted once).
+
+The same command runs on CPUs, GPUs and TPUs. `--crop` and `--batch` default to the config's
+crop and global batch (which must divide over the devices of the mesh's 'data' axis). Crops
+giving logits smaller than the discriminator's 64x64 minimum need
+``--config.disc.min_input_size=64`` (D then sees upsampled maps, as in configs/test.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import ml_collections  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from skd_jax import config_base  # pylint: disable=g-import-not-at-top
+from skd_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+from skd_jax import train  # pylint: disable=g-import-not-at-top
+from skd_jax.models import discriminator as disc_lib  # pylint: disable=g-import-not-at-top
+# bench/pair_wise.py, beside this script.
+from pair_wise import fmt_bytes  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+flags.DEFINE_list('crop', None, 'H,W of the random crops (default: config.data.crop_size).')
+flags.DEFINE_integer('batch', None, 'Global batch size (default: config.optim.batch_size).')
+flags.DEFINE_integer('steps', 10, 'Timed steps per variant; the median is reported.')
+flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation, per variant.')
+flags.mark_flags_as_required(['config'])
+
+
+def parse_crop(values: list[str] | None, default: tuple[int, ...]) -> tuple[int, int]:
+  """(H, W) from ``--crop=H,W`` (or one value for a square), else the config's crop size."""
+  if values is None:
+    return tuple(int(v) for v in default)
+  try:
+    crop = tuple(int(v) for v in values)
+  except ValueError:
+    crop = ()
+  if len(crop) == 1:
+    crop = crop * 2
+  if len(crop) != 2 or min(crop) < 1:
+    raise app.UsageError(f'--crop={",".join(values)}: give two positive ints H,W, e.g. '
+                         f'--crop=512,1024.')
+  return crop
+
+
+def hardware() -> str:
+  """The devices in words: count, kind, and on CPU the processor model and usable cores."""
+  devices = jax.devices()
+  kind = devices[0].device_kind
+  if devices[0].platform == 'cpu':
+    model = platform.processor() or 'unknown CPU'
+    try:
+      with open('/proc/cpuinfo') as f:
+        model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+      pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    kind = f'{model}, {cores} cores'
+  return (f'{len(devices)} x {devices[0].platform} ({kind}), {jax.process_count()} process(es), '
+          f'JAX {jax.__version__}')
+
+
+def random_batch(rng: np.random.Generator, batch: int, crop: tuple[int, int],
+                 num_classes: int) -> dict[str, np.ndarray]:
+  """image [B, H, W, 3] float32 on the Caffe-BGR scale, label [B, H, W] int32 in [0, C)."""
+  return {'image': rng.normal(0.0, 60.0, (batch, *crop, 3)).astype(np.float32),
+          'label': rng.integers(0, num_classes, (batch, *crop)).astype(np.int32)}
+
+
+def random_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """(teacher module, randomly initialised variables placed as the trainer places them)."""
+  model = train.model_from_metadata(config, config.teacher, None)
+  init = lambda: model.init(jax.random.key(config.seed + 1, impl='rbg'),
+                            jnp.zeros((1, 64, 64, 3)), train=False)
+  sharding = sharding_lib.model_parallel(jax.eval_shape(init), mesh)
+  return model, jax.jit(init, out_shardings=sharding)(), sharding
+
+
+def check_discriminator_input(config: ml_collections.ConfigDict, crop: tuple[int, int]) -> None:
+  """A clear error, naming the fix, when the crop's logits are too small for the critic."""
+  if not train.loss_config(config).uses_disc or config.disc.min_input_size:
+    return
+  student = train.student_model(config)
+  images = jnp.zeros((1, *crop, 3))
+  logits = jax.eval_shape(lambda: student.apply(
+      student.init(jax.random.key(0, impl='rbg'), images, train=False), images, train=False))[0]
+  h, w = logits.shape[1:3]
+  if min(h, w) < disc_lib.MIN_INPUT_SIZE:
+    raise app.UsageError(
+        f'--crop={crop[0]},{crop[1]} gives {h}x{w} logits, smaller than the discriminator\'s '
+        f'{disc_lib.MIN_INPUT_SIZE}x{disc_lib.MIN_INPUT_SIZE} minimum: add '
+        f'--config.disc.min_input_size={disc_lib.MIN_INPUT_SIZE} (D sees upsampled maps) or use '
+        f'a larger --crop (512,512 gives 65x65).')
+
+
+def xla_flops(compiled) -> float:
+  """FLOPs of one call by XLA's cost analysis (a dict, or a one-element list in older jax)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get('flops', float('nan')))
+
+
+def peak_bytes(compiled) -> float:
+  """Device memory of one call by XLA: temporaries + arguments + outputs - aliased buffers."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return float('nan')
+  return float(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+               - mem.alias_size_in_bytes)
+
+
+def time_steps(compiled, state, batches: list[dict[str, Any]], teacher_variables, warmup: int,
+               steps: int) -> tuple[list[float], dict[str, float]]:
+  """Seconds of each of `steps` steps after `warmup` steps (state chained), and the last metrics."""
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batches[i % len(batches)], teacher_variables)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return times[warmup:], jax.device_get(metrics)
+
+
+def measure(config: ml_collections.ConfigDict, teacher, teacher_variables, teacher_sharding,
+            mesh: jax.sharding.Mesh, batches: list[dict[str, np.ndarray]], steps: int,
+            warmup: int) -> dict[str, Any]:
+  """Compiles the configured train step as the trainer does, runs it, returns timings and XLA's
+  analyses. batches: host-local {'image': [b, H, W, 3], 'label': [b, H, W]}."""
+  ctx = train.make_step_context(config, teacher)
+  make_state = functools.partial(train.create_train_state, ctx, batches[0]['image'].shape)
+  state_sharding = train.state_shardings(jax.eval_shape(make_state, config.seed), mesh,
+                                         config.mesh_shard_student)
+  state = jax.jit(make_state, out_shardings=state_sharding)(config.seed)
+  if ctx.teacher is None:
+    teacher_variables, teacher_sharding = {}, {}
+  step_fn = train.jit_train_step(ctx, mesh, state_sharding, teacher_sharding)
+  global_batches = [sharding_lib.global_batch(b, mesh) for b in batches]
+
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, global_batches[0], teacher_variables).compile()
+  compile_s = time.perf_counter() - start
+  times, metrics = time_steps(compiled, state, global_batches, teacher_variables, warmup, steps)
+  step_s, flops = statistics.median(times), xla_flops(compiled)
+  return {'compile_s': compile_s, 'step_s': step_s, 'min_s': min(times), 'max_s': max(times),
+          'flops': flops, 'flop_rate': flops / step_s, 'peak_bytes': peak_bytes(compiled),
+          'non_finite': [k for k, v in metrics.items() if not np.isfinite(v)]}
+
+
+def describe(config: ml_collections.ConfigDict, alone: bool) -> str:
+  """'SKD: teacher -> student + D' or 'student alone: student', with their overrides."""
+  def net(section):
+    overrides = ', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}'
+                          for k, v in section.overrides.items())
+    return f'{section.arch} ({overrides})' if overrides else section.arch
+  if alone:
+    return f'student alone: {net(config.student)}'
+  return f'SKD: {net(config.teacher)} -> {net(config.student)} + D'
+
+
+def table(rows: list[tuple[str, dict[str, float]]], batch: int, steps: int) -> str:
+  lines = [f'| step | images/s | step time (median of {steps}) | compile | GFLOP / step (XLA, '
+           'per device) | achieved GFLOP/s | peak memory (XLA, per device) |',
+           '|---|---|---|---|---|---|---|']
+  for name, r in rows:
+    lines.append(
+        f'| {name} | {batch / r["step_s"]:.2f} | {r["step_s"] * 1e3:.1f} ms '
+        f'({r["min_s"] * 1e3:.1f}-{r["max_s"] * 1e3:.1f}) | {r["compile_s"]:.1f} s | '
+        f'{r["flops"] / 1e9:.1f} | {r["flop_rate"] / 1e9:.1f} | {fmt_bytes(r["peak_bytes"])} |')
+  return '\n'.join(lines)
+
+
+def configure(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config with the command line's crop and batch, checked."""
+  if FLAGS.steps < 1 or FLAGS.warmup < 0:
+    raise app.UsageError(f'--steps={FLAGS.steps} must be >= 1 and --warmup={FLAGS.warmup} >= 0.')
+  config.data.crop_size = parse_crop(FLAGS.crop, config.data.crop_size)
+  check_discriminator_input(config, config.data.crop_size)
+  if FLAGS.batch is not None:
+    config.optim.batch_size = FLAGS.batch
+  # Past num_steps the jitted poly schedule is NaN (count * (1 / num_steps) rounds above 1 and
+  # pow(negative, 0.9) follows), and NaNs could change the timings: run within the schedule.
+  config.optim.num_steps = max(config.optim.num_steps, FLAGS.warmup + FLAGS.steps + 1)
+  return config
+
+
+def run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, log
+        ) -> list[tuple[str, dict[str, Any]]]:
+  """(name, measurements) of the configured step and, if it distils, of the student alone."""
+  local_batch = sharding_lib.check_batch_size(config.optim.batch_size, mesh, '--batch')
+  rng = np.random.default_rng(config.seed + jax.process_index())
+  batches = [random_batch(rng, local_batch, tuple(config.data.crop_size),
+                          config.data.num_classes) for _ in range(2)]
+  variants = [(describe(config, alone=True),
+               config_base.distillation_off(config.copy_and_resolve_references()))]
+  teacher = teacher_variables = teacher_sharding = None
+  if train.loss_config(config).uses_teacher:
+    start = time.perf_counter()
+    teacher, teacher_variables, teacher_sharding = random_teacher(config, mesh)
+    jax.block_until_ready(teacher_variables)
+    log(f'random teacher initialised in {time.perf_counter() - start:.1f} s')
+    variants.insert(0, (describe(config, alone=False), config))
+  rows = []
+  for name, variant in variants:
+    log(f'measuring {name} ...')
+    result = measure(variant, teacher, teacher_variables, teacher_sharding, mesh, batches,
+                     FLAGS.steps, FLAGS.warmup)
+    if result['non_finite']:
+      log(f'  warning: non-finite {result["non_finite"]}: the timings may not be those of a '
+          f'healthy run')
+    rows.append((name, result))
+  return rows
+
+
+def report(rows: list[tuple[str, dict[str, Any]]], config: ml_collections.ConfigDict,
+           mesh: jax.sharding.Mesh) -> str:
+  crop, batch = config.data.crop_size, config.optim.batch_size
+  lines = [f'Command: python bench/throughput.py {" ".join(sys.argv[1:])}',
+           f'Hardware: {hardware()}',
+           f'Crop {crop[0]}x{crop[1]}, global batch {batch}, dtype {config.dtype}, mesh '
+           f'{dict(mesh.shape)}; median of {FLAGS.steps} steps after {FLAGS.warmup} warm-up '
+           f'steps.', '', table(rows, batch, FLAGS.steps)]
+  if len(rows) == 2:
+    lines += ['', f'The SKD step takes {rows[0][1]["step_s"] / rows[1][1]["step_s"]:.2f}x the '
+              f'time of the student-alone step.']
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # A TPU pod slice or a multi-task Slurm / MPI job: one process per host, all devices used.
+  sharding_lib.initialize_distributed()
+  config = configure(FLAGS.config)
+  mesh = sharding_lib.make_mesh(shape=config.mesh)
+  log = lambda msg: print(msg, flush=True) if jax.process_index() == 0 else None
+  rows = run(config, mesh, log)
+  log('\n' + report(rows, config, mesh))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=skd_jax
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --output=%x-%j.out
+# Trains skd_jax on N SLURM nodes x 8 NVIDIA GPUs: one process per node drives its 8 GPUs, and
+# JAX's multi-controller runtime (jax.distributed.initialize in skd_jax/main.py) joins them.
+#
+#   launch/gpu_slurm.sh --config=configs/cityscapes.py --workdir=/shared/runs/skd_r18 \
+#       [--nodes=N] [--config.KEY=VALUE ...] [--dry_run]
+#
+# From a login node the script submits itself (`sbatch --nodes=N ... launch/gpu_slurm.sh ...`);
+# `sbatch launch/gpu_slurm.sh ...` from the repository root works too. Inside the allocation it
+#   1. creates the venv (once: SKD_VENV, default REPO/.venv, on the shared filesystem) with
+#      requirements.txt and jax[cuda12] at the jax version that requirements.txt pins, when that
+#      venv has no CUDA jax yet (compute nodes need internet access only for that first time);
+#   2. takes the coordinator from SLURM: the first host of `scontrol show hostnames
+#      $SLURM_JOB_NODELIST`, port COORDINATOR_PORT (default 20000 + SLURM_JOB_ID % 10000);
+#   3. `srun`s the one training command on every node with --coordinator_address,
+#      --num_processes=$SLURM_NNODES and --process_id=$SLURM_NODEID (expanded on each node).
+#
+# Settings (a flag, else the environment variable, else the default):
+#   --nodes     NODES       2 (only when submitting; inside a job SLURM_NNODES counts)
+#   --dry_run   DRY_RUN=1   print every command (sbatch, python, pip, srun) instead of running it
+#   SKD_VENV, PYTHON (python3; >= 3.11 to create the venv), COORDINATOR_PORT, SKD_JAX_DIR (the
+#   checkout, found from the script's or the submission's directory otherwise).
+# The config holds every hyperparameter; --config.KEY=VALUE flags are passed through unchanged.
+# The workdir and data must be on a filesystem that every node sees. The global batch
+# (optim.batch_size, eval.batch_size) must be divisible by 8 x the number of nodes.
+
+set -euo pipefail
+
+usage() {
+  sed -n '/^# Trains/,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+}
+
+die() {
+  echo "gpu_slurm.sh: error: $*" >&2
+  exit 2
+}
+
+# Prints one argument so that a shell reads it back unchanged: bare when safe, else single-quoted.
+quote() {
+  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+
+# A command line as one string of quoted arguments.
+join_quoted() {
+  local out='' arg
+  for arg in "$@"; do
+    out+="${out:+ }$(quote "${arg}")"
+  done
+  printf '%s' "${out}"
+}
+
+# Runs a command, or with --dry_run prints it (quoted so that it can be pasted into a shell).
+run() {
+  if [[ ${dry_run} == 1 ]]; then
+    join_quoted "$@"
+    echo
+  else
+    "$@"
+  fi
+}
+
+# The checkout: sbatch runs a copy of this script from its spool directory, so also look at the
+# submission directory.
+find_repo() {
+  local dir script_dir
+  script_dir="$(dirname "${BASH_SOURCE[0]}")/.."
+  for dir in "${SKD_JAX_DIR:-}" "${script_dir}" "${SLURM_SUBMIT_DIR:-}" "${PWD}"; do
+    if [[ -n ${dir} && -f ${dir}/skd_jax/main.py ]]; then
+      (cd "${dir}" && pwd)
+      return
+    fi
+  done
+  die 'cannot find the skd_jax checkout: set SKD_JAX_DIR=/path/to/checkout'
+}
+
+dry_run="${DRY_RUN:-0}"
+nodes="${NODES:-2}"
+config=''
+workdir=''
+overrides=()
+for arg in "$@"; do
+  case "${arg}" in
+    --config=*) config="${arg#*=}" ;;
+    --workdir=*) workdir="${arg#*=}" ;;
+    --config.*=*) overrides+=("${arg}") ;;
+    --nodes=*) nodes="${arg#*=}" ;;
+    --dry_run) dry_run=1 ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage; die "unknown argument '${arg}' (flags take the form --flag=value; see above)" ;;
+  esac
+done
+
+repo="$(find_repo)"
+[[ -n ${config} ]] || die '--config is required, e.g. --config=configs/cityscapes.py'
+# A bare name means the file in configs/.
+[[ ${config} == */* || ${config} == *.py ]] || config="configs/${config}.py"
+[[ -f ${repo}/${config} ]] || die "--config=${config}: no such file in ${repo}"
+[[ -n ${workdir} ]] || die '--workdir is required: a directory on a filesystem every node sees'
+[[ ${nodes} =~ ^[1-9][0-9]*$ ]] || die "--nodes (or NODES)='${nodes}' must be a positive integer"
+
+# On a login node: submit this script, which then runs the steps below inside the allocation.
+if [[ -z ${SLURM_JOB_ID:-} ]]; then
+  args=(--config="${config}" --workdir="${workdir}" ${overrides[@]+"${overrides[@]}"})
+  run sbatch --nodes="${nodes}" --chdir="${repo}" "${repo}/launch/gpu_slurm.sh" "${args[@]}"
+  exit 0
+fi
+: "${SLURM_JOB_NODELIST:?is unset: run inside a SLURM allocation (sbatch or salloc)}"
+: "${SLURM_NNODES:?is unset: run inside a SLURM allocation (sbatch or salloc)}"
+
+# 1. The environment (shared by all nodes).
+venv="${SKD_VENV:-${repo}/.venv}"
+python="${PYTHON:-python3}"
+jax_version="$(sed -n 's/^jax==//p' "${repo}/requirements.txt")"
+[[ -n ${jax_version} ]] || die "${repo}/requirements.txt pins no jax==VERSION"
+if ! [[ -x ${venv}/bin/python ]] || ! "${venv}/bin/python" -m pip show -q jax-cuda12-plugin \
+    >/dev/null 2>&1; then
+  if [[ ${dry_run} != 1 ]] &&
+      ! "${python}" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    die "PYTHON=${python} is older than 3.11: set PYTHON to a python3.11 (or newer) executable"
+  fi
+  [[ -x ${venv}/bin/python ]] || run "${python}" -m venv "${venv}"
+  run "${venv}/bin/pip" install -q -r "${repo}/requirements.txt" "jax[cuda12]==${jax_version}"
+fi
+
+# 2. The coordinator: process 0 on the first node of the allocation.
+first_host="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"
+[[ -n ${first_host} ]] || die "scontrol found no host in SLURM_JOB_NODELIST='${SLURM_JOB_NODELIST}'"
+port="${COORDINATOR_PORT:-$((20000 + SLURM_JOB_ID % 10000))}"
+
+# 3. The one training command on every node; each node's shell expands its own $SLURM_NODEID.
+train=("${venv}/bin/python" -m skd_jax.main --config="${config}" --workdir="${workdir}"
+       ${overrides[@]+"${overrides[@]}"} --coordinator_address="${first_host}:${port}"
+       --num_processes="${SLURM_NNODES}")
+# shellcheck disable=SC2016  # $SLURM_NODEID must expand on each node, not here
+per_node='--process_id=$SLURM_NODEID'
+run srun --nodes="${SLURM_NNODES}" --ntasks-per-node=1 --kill-on-bad-exit=1 --chdir="${repo}" \
+  bash -c "exec $(join_quoted "${train[@]}") ${per_node}"
