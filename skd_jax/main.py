@@ -65,6 +65,14 @@ def main(argv):
       demo.run_phases(FLAGS.config, FLAGS.workdir)
     else:
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except FileNotFoundError as e:
+    # A missing dataset or checkpoint: the message names it and says what to do; a traceback
+    # would only bury it.
+    if jax.distributed.is_initialized():
+      logging.error('%s', e)
+      logging.flush()
+      os._exit(1)  # pylint: disable=protected-access
+    raise SystemExit(f'error: {e}') from None
   except Exception:  # pylint: disable=broad-except
     if not jax.distributed.is_initialized():
       raise
