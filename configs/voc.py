@@ -29,26 +29,8 @@ from skd_jax import config_base
 
 
 def get_config():
-  c = config_base.base_config()
+  c = config_base.cirkd_protocol(config_base.base_config())
   c.data.dataset = 'voc'
   c.data.num_classes = 21
   c.data.crop_size = (512, 512)
-  c.data.scales = tuple(round(0.5 + 0.1 * i, 1) for i in range(16))  # 0.5, 0.6, ..., 2.0
-  c.student.arch = 'deeplabv3_resnet18'
-  c.teacher.arch = 'deeplabv3_resnet101'
-  # The CIRKD protocol, as configs/cityscapes_cirkd.py.
-  c.optim.batch_size = 16
-  c.optim.lr = 0.02
-  c.optim.weight_decay = 1e-4
-  c.loss.lambda_pi = 1.0
-  c.loss.pi_reduction = 'mean'
-  c.loss.lambda_pa = 10.0
-  c.loss.pa_pool_kernel = 2
-  c.loss.pa_detach_norm = False
-  c.loss.lambda_ho = 0.001
-  c.loss.lambda_d = 0.1
-  c.loss.gan_loss = 'hinge'
-  c.disc.optimizer = 'adam'
-  c.disc.weight_decay = 0.0
-  c.eval.batch_size = 8
   return c

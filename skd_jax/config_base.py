@@ -122,3 +122,31 @@ def distillation_off(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.loss.lambda_pa = 0.0
   c.loss.lambda_ho = 0.0
   return c
+
+
+def cirkd_protocol(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The CIRKD benchmark's settings (cirkd-protocol.md), for any dataset.
+
+  DeepLabV3 R101 -> R18, random scale 0.5..2.0, global batch 16, SGD lr 0.02 with weight decay
+  1e-4; CE + 0.4 aux CE + 1.0 per-pixel KL + 10 pair-wise (2x2 max-pooled nodes, norm not
+  detached) + 0.001 adversarial; hinge discriminator, constant Adam(4e-4, 0.9/0.99), weight 0.1.
+  The dataset, class count and crop stay the caller's.
+  """
+  c.student.arch = 'deeplabv3_resnet18'
+  c.teacher.arch = 'deeplabv3_resnet101'
+  c.data.scales = tuple(round(0.5 + 0.1 * i, 1) for i in range(16))  # 0.5, 0.6, ..., 2.0
+  c.optim.batch_size = 16
+  c.optim.lr = 0.02
+  c.optim.weight_decay = 1e-4
+  c.loss.lambda_pi = 1.0
+  c.loss.pi_reduction = 'mean'
+  c.loss.lambda_pa = 10.0
+  c.loss.pa_pool_kernel = 2
+  c.loss.pa_detach_norm = False
+  c.loss.lambda_ho = 0.001
+  c.loss.lambda_d = 0.1
+  c.loss.gan_loss = 'hinge'
+  c.disc.optimizer = 'adam'
+  c.disc.weight_decay = 0.0
+  c.eval.batch_size = 8
+  return c
