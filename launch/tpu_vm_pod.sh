@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Trains skd_jax on a Cloud TPU VM slice. Every host of the slice runs the same
-# `python -m skd_jax.main` command; JAX's multi-controller runtime (jax.distributed.initialize() in
-# skd_jax/main.py, which finds its peers on a TPU slice by itself) joins them into one program.
+# `python -m skd_jax.main --distributed=on` command; JAX's multi-controller runtime
+# (jax.distributed.initialize(), which finds its peers in the TPU VM's metadata) joins them into one
+# program.
 #
 #   launch/tpu_vm_pod.sh --config=configs/cityscapes.py --workdir=gs://BUCKET/runs/skd_r18 \
 #       --tfds_data_dir=gs://BUCKET/tfds [--config.KEY=VALUE ...] [--dry_run]
@@ -154,7 +155,9 @@ setup_command="$(printf '%s && ' "${setup[@]}")"
 run "${tpu_vm[@]}" ssh "${name}" "${where[@]}" --worker=all --command="${setup_command% && }"
 
 # 4. The one training command, on all workers.
-train=(.venv/bin/python -m skd_jax.main --config="${config}" --workdir="${workdir}"
+# --distributed=on: skd_jax would also recognise the slice by itself; saying so leaves nothing to
+# guess (and works on a one-host slice too).
+train=(.venv/bin/python -m skd_jax.main --distributed=on --config="${config}" --workdir="${workdir}"
        --config.data.tfds_data_dir="${tfds_data_dir}" ${overrides[@]+"${overrides[@]}"})
 run "${tpu_vm[@]}" ssh "${name}" "${where[@]}" --worker=all \
   --command="cd ${REMOTE_DIR} && $(join_quoted "${train[@]}")"

@@ -41,6 +41,10 @@ per-class IoU table and writes it as JSON. ``--export_dir`` also writes every im
 ``cityscapesscripts`` evaluation at it (``CITYSCAPES_RESULTS=OUT``). ``--export_color`` adds
 colour visualisations in the sibling folder ``OUT_color`` (not inside OUT: the official script
 searches OUT recursively and rejects a second PNG whose name starts with an image's id).
+
+On several hosts it is the same command on every host, with the multi-host flags of
+`skd_jax.main` (`skd_jax.cli`): each host reads its own share of the split, every image is counted
+once, and process 0 prints the table and writes the JSON.
 """
 
 from __future__ import annotations
@@ -452,17 +456,18 @@ def format_table(metrics: dict[str, Any], title: str = '') -> str:
   return '\n'.join(lines)
 
 
-def main(argv):
-  del argv
+def evaluate_and_report() -> None:
+  """The standalone program: evaluates as the flags say, prints the table, writes the JSON."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from skd_jax import train  # pylint: disable=g-import-not-at-top
-  config = flags.FLAGS.config
   from skd_jax.paths import as_path  # pylint: disable=g-import-not-at-top
-  workdir = as_path(flags.FLAGS.workdir)
+  fl = flags.FLAGS
+  workdir = as_path(fl.workdir)
   start = time.time()
-  result = train.evaluate_checkpoint(config, workdir, checkpoint=flags.FLAGS.checkpoint,
-                                     which=flags.FLAGS.model, export_dir=flags.FLAGS.export_dir,
-                                     export_color=flags.FLAGS.export_color)
+  result = train.evaluate_checkpoint(fl.config, workdir, checkpoint=fl.checkpoint, which=fl.model,
+                                     export_dir=fl.export_dir, export_color=fl.export_color)
+  if jax.process_index() != 0:
+    return
   print(format_table(result['metrics'], f'{result["name"]} on {result["split"]} '
                      f'({result["num_images"]} images, {result["inference"]}, '
                      f'{time.time() - start:.0f} s):'))
@@ -472,17 +477,25 @@ def main(argv):
   if result.get('export_dir'):
     print(f'wrote {result["num_exported"]} label-id PNGs to {result["export_dir"]}'
           + (f' and colour PNGs to {result["color_dir"]}' if result.get('color_dir') else ''))
-  out = workdir / f'eval_{flags.FLAGS.model}_{result["split"]}.json'
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(result['metrics'], inference=result['inference'],
-                                   confusion_matrix=result['confusion'].tolist()), indent=2))
-    print(f'wrote {out}')
+  out = workdir / f'eval_{fl.model}_{result["split"]}.json'
+  workdir.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(dict(result['metrics'], inference=result['inference'],
+                                 confusion_matrix=result['confusion'].tolist()), indent=2))
+  print(f'wrote {out}')
+
+
+def main(argv):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from skd_jax import cli  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.run(evaluate_and_report)
 
 
 if __name__ == '__main__':
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from skd_jax import cli  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'The run directory.')
   flags.DEFINE_string('checkpoint', None, 'A checkpoint to evaluate instead of the run\'s own.')
@@ -492,5 +505,6 @@ if __name__ == '__main__':
                       '<city>_<seq>_<frame>_leftImg8bit.png (the test-server format).')
   flags.DEFINE_bool('export_color', False,
                     'With --export_dir: also write colour visualisations to <export_dir>_color.')
+  cli.define_multihost_flags()
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

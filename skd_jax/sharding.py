@@ -10,16 +10,19 @@ reference runs) without any axis name. The axis types are `Auto` on purpose: the
 is a `bincount` over the sharded batch, which `Explicit` axes would reject without an explicit
 output sharding, and XLA chooses how to run a convolution whose kernel is split.
 
-Multi-host: `initialize_distributed` starts `jax.distributed` when the launcher says there are
-several processes (a TPU pod slice, a Slurm or Open MPI job with several tasks, or explicit
-coordinator flags) and does nothing on one host. Each process then feeds its own rows of every
+Multi-host: `initialize_distributed` starts `jax.distributed` where the launch has several
+processes (a Cloud TPU VM slice, a TPU pod on GKE, a Slurm or Open MPI job with several tasks, or
+explicit coordinator flags) and does nothing on one host. Each process then feeds its own rows of every
 batch (`global_batch`), and `check_batch_size` says how many.
 """
 
 from __future__ import annotations
 
+import glob
 import os
-from typing import Any, Mapping
+import pathlib
+from typing import Any, Callable, Mapping
+import urllib.request
 
 from absl import logging
 import jax
@@ -41,26 +44,66 @@ def _int_env(environ: Mapping[str, str], name: str) -> int:
     return 1
 
 
-def distributed_request(environ: Mapping[str, str], *, coordinator_address: str | None = None,
-                        num_processes: int | None = None, process_id: int | None = None
+DISTRIBUTED_MODES = ('auto', 'on', 'off')
+_GOOGLE_PCI_VENDOR = '0x1ae0'
+
+
+def cloud_tpu_hosts(environ: Mapping[str, str], pci_root: str = '/sys/bus/pci/devices') -> int:
+  """The number of hosts of the Cloud TPU VM slice this machine belongs to; 0 elsewhere.
+
+  A TPU VM carries Google PCI devices (vendor 0x1ae0), and its metadata server lists the workers
+  of its slice (``worker-network-endpoints``, the list jax's own TPU detection reads). Any other
+  machine answers 0 after one directory listing; a Google machine without that list (a GCE VM
+  with gVNIC, a TPU VM outside a slice) after one local HTTP request.
+  """
+  if 'TPU_SKIP_MDS_QUERY' in environ:   # set by jax on a machine without TPU chips
+    return 0
+  vendors = glob.glob(os.path.join(pci_root, '*', 'vendor'))
+  if not any(pathlib.Path(v).read_text().strip() == _GOOGLE_PCI_VENDOR for v in vendors):
+    return 0
+  host = environ.get('GCE_METADATA_IP', 'metadata.google.internal')
+  request = urllib.request.Request(
+      f'http://{host}/computeMetadata/v1/instance/attributes/worker-network-endpoints',
+      headers={'Metadata-Flavor': 'Google'})
+  try:
+    with urllib.request.urlopen(request, timeout=10) as response:
+      workers = response.read().decode()
+  except OSError:   # no metadata server, or no such attribute (HTTP 404): not a TPU VM slice
+    return 0
+  return len([w for w in workers.split(',') if w.strip()])
+
+
+def distributed_request(environ: Mapping[str, str], *, mode: str = 'auto',
+                        coordinator_address: str | None = None,
+                        num_processes: int | None = None, process_id: int | None = None,
+                        tpu_hosts: Callable[[Mapping[str, str]], int] = cloud_tpu_hosts
                         ) -> dict[str, Any] | None:
   """The arguments of `jax.distributed.initialize` this launch needs, or None on one host.
 
-  Explicit flags (all three) win, and then every local device is used. Otherwise a launcher
-  that started several processes is recognised by the environment it sets, and jax's own
+  ``mode`` is the ``--distributed`` flag: 'off' never starts it, 'on' always does with jax's own
+  detection of the cluster (for a launcher not recognised below), 'auto' decides as follows.
+  Explicit flags (all three) win, and then every local device is used. Otherwise a launch of
+  several processes is recognised by the environment its launcher sets, and jax's own
   detection fills in the arguments (``{}``; under Slurm or Open MPI on GPUs it then gives each
   process one GPU):
-    * a TPU pod slice: ``TPU_PROCESS_ADDRESSES`` or ``TPU_WORKER_HOSTNAMES`` listing more than
-      one host, or ``MEGASCALE_NUM_SLICES`` > 1 (multislice);
+    * a TPU pod slice on GKE: ``TPU_PROCESS_ADDRESSES`` or ``TPU_WORKER_HOSTNAMES`` listing more
+      than one host, or ``MEGASCALE_NUM_SLICES`` > 1 (multislice);
     * Slurm: ``SLURM_JOB_ID`` with more than one task in the step (``SLURM_STEP_NUM_TASKS``,
       else ``SLURM_NTASKS``);
     * Open MPI: ``OMPI_COMM_WORLD_SIZE`` > 1;
-    * ``JAX_COORDINATOR_ADDRESS`` set.
+    * ``JAX_COORDINATOR_ADDRESS`` set;
+    * a Cloud TPU VM slice of more than one host (`cloud_tpu_hosts`, which ``tpu_hosts`` stands
+      in for in tests): what ``gcloud compute tpus tpu-vm ssh --worker=all`` starts, with no
+      environment to tell.
   """
+  if mode not in DISTRIBUTED_MODES:
+    raise ValueError(f'--distributed={mode!r}: expected one of {", ".join(DISTRIBUTED_MODES)}.')
   flags = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
            'process_id': process_id}
   given = {k: v for k, v in flags.items() if v is not None}
   if given:
+    if mode == 'off':
+      raise ValueError(f'--distributed=off contradicts --{next(iter(given))}: drop one of them.')
     if len(given) < 3:
       missing = ', '.join(f'--{k}' for k, v in flags.items() if v is None)
       raise ValueError(f'multi-host flags need all three of --coordinator_address, '
@@ -74,19 +117,22 @@ def distributed_request(environ: Mapping[str, str], *, coordinator_address: str 
     # Explicit flags mean no guessing: under srun, jax's detection would otherwise also limit
     # each process to one local GPU (the one-task-per-GPU layout), hiding the others.
     return dict(given, cluster_detection_method='deactivate') if num_processes > 1 else None
-  tpu_hosts = environ.get('TPU_PROCESS_ADDRESSES') or environ.get('TPU_WORKER_HOSTNAMES') or ''
+  if mode != 'auto':
+    return {} if mode == 'on' else None
+  gke_tpu_hosts = environ.get('TPU_PROCESS_ADDRESSES') or environ.get('TPU_WORKER_HOSTNAMES') or ''
   slurm_tasks = _int_env(environ, 'SLURM_STEP_NUM_TASKS' if 'SLURM_STEP_NUM_TASKS' in environ
                          else 'SLURM_NTASKS')
-  if (len([h for h in tpu_hosts.split(',') if h.strip()]) > 1
+  if (len([h for h in gke_tpu_hosts.split(',') if h.strip()]) > 1
       or _int_env(environ, 'MEGASCALE_NUM_SLICES') > 1
       or ('SLURM_JOB_ID' in environ and slurm_tasks > 1)
       or _int_env(environ, 'OMPI_COMM_WORLD_SIZE') > 1
-      or environ.get('JAX_COORDINATOR_ADDRESS')):
+      or environ.get('JAX_COORDINATOR_ADDRESS')
+      or (not gke_tpu_hosts and tpu_hosts(environ) > 1)):
     return {}
   return None
 
 
-def initialize_distributed(*, coordinator_address: str | None = None,
+def initialize_distributed(*, mode: str = 'auto', coordinator_address: str | None = None,
                            num_processes: int | None = None, process_id: int | None = None,
                            environ: Mapping[str, str] | None = None) -> bool:
   """Starts `jax.distributed` where the launch is multi-host (see `distributed_request`).
@@ -94,7 +140,7 @@ def initialize_distributed(*, coordinator_address: str | None = None,
   Must run before anything touches a device. Returns whether it initialised. (On CPU, the
   cross-process collectives are gloo's, jax's default: nothing to configure.)
   """
-  request = distributed_request(os.environ if environ is None else environ,
+  request = distributed_request(os.environ if environ is None else environ, mode=mode,
                                 coordinator_address=coordinator_address,
                                 num_processes=num_processes, process_id=process_id)
   if request is None or jax.distributed.is_initialized():

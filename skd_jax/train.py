@@ -106,14 +106,26 @@ class StepContext:
   loss: LossConfig
 
 
+def poly_schedule(lr: float, num_steps: int, power: float) -> optax.Schedule:
+  """The reference's ``lr_poly``: ``lr * (1 - t / num_steps) ** power``, and 0 from num_steps on.
+
+  Written out rather than `optax.polynomial_schedule`, whose value under `jit` is NaN at
+  ``t = num_steps`` (0 to a fractional power, computed through a logarithm).
+  """
+  def schedule(step: jax.Array) -> jax.Array:
+    remaining = jnp.clip(1.0 - jnp.asarray(step, jnp.float32) / num_steps, 0.0, 1.0)
+    return lr * remaining ** power
+  return schedule
+
+
 def poly_sgd(lr: float, momentum: float, weight_decay: float, num_steps: int, power: float
              ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """PyTorch SGD (weight decay added to the gradient before momentum) with poly decay.
 
-  ``lr_t = lr * (1 - t / num_steps) ** power``; decay applies to every parameter, BN included,
-  as in the reference.
+  The learning rate follows `poly_schedule`; decay applies to every parameter, BN included, as in
+  the reference.
   """
-  schedule = optax.polynomial_schedule(lr, 0.0, power, num_steps)
+  schedule = poly_schedule(lr, num_steps, power)
   tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum))
   return tx, schedule
 
@@ -353,13 +365,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: pathlib.Path
                         on_predictions=exporter)
   metrics = eval_lib.metrics_from_confusion(
       confusion, class_names(config), ignore_absent_classes=config.eval.ignore_absent_classes)
+  # Each process wrote the images of its own rows.
+  num_exported = int(sharding_lib.gather_to_all(
+      {'n': np.array([exporter.num_written if exporter else 0])})['n'].sum())
   return {'metrics': metrics, 'name': name, 'split': config.data.eval_split,
           'num_images': pipeline.num_examples(data_dir, config.data.eval_split,
                                               config.data.dataset),
           'inference': eval_lib.InferenceMode(**inference).describe(), 'confusion': confusion,
           'export_dir': str(exporter.export_dir) if exporter else None,
           'color_dir': str(exporter.color_dir) if exporter and exporter.color_dir else None,
-          'num_exported': exporter.num_written if exporter else 0}
+          'num_exported': num_exported}
 
 
 def _check_same_structure(expected: PyTree, got: PyTree, what: str) -> None:

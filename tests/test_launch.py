@@ -129,7 +129,8 @@ def test_tpu_dry_run_prints_every_command(tmp_path, dry_run):
   assert train.startswith('cd skd_jax && ')
   # Run the remote command with a stub python: the exact argv each worker's python gets.
   argv = argv_seen_by(train, tmp_path, tmp_path / 'skd_jax' / '.venv' / 'bin' / 'python')
-  assert argv == ['-m', 'skd_jax.main', '--config=configs/test.py', '--workdir=gs://bucket/runs/r1',
+  assert argv == ['-m', 'skd_jax.main', '--distributed=on', '--config=configs/test.py',
+                  '--workdir=gs://bucket/runs/r1',
                   '--config.data.tfds_data_dir=gs://bucket/tfds', *OVERRIDES]
 
 
@@ -160,7 +161,8 @@ def test_tpu_defaults_and_config_name(tmp_path):
   assert commands[1][5:] == ['other', '--zone=us-east5-a', '--accelerator-type=v4-16',
                              '--version=tpu-ubuntu2204-base']
   train = shlex.split(commands[-1][-1].removeprefix('--command='))
-  assert train[4:9] == ['-m', 'skd_jax.main', '--config=configs/test.py', '--workdir=gs://b/w',
+  assert train[4:10] == ['-m', 'skd_jax.main', '--distributed=on', '--config=configs/test.py',
+                         '--workdir=gs://b/w',
                         '--config.data.tfds_data_dir=gs://b/tfds']
 
 

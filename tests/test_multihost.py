@@ -11,6 +11,7 @@ evaluation confusion matrices must agree.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import pathlib
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -55,13 +57,74 @@ RUN_FLAGS = ('--config=configs/test.py', f'--config.optim.num_steps={NUM_STEPS}'
     ({}, {'coordinator_address': 'h:1', 'num_processes': 1, 'process_id': 0}, None),
 ])
 def test_distributed_start_only_where_the_launch_is_multi_host(environ, flags, expected):
-  assert sharding_lib.distributed_request(environ, **flags) == expected
+  # Not a Cloud TPU VM: the metadata check must not be consulted here.
+  assert sharding_lib.distributed_request(environ, **flags, tpu_hosts=lambda env: 0) == expected
+
+
+@pytest.mark.parametrize('mode, environ, tpu_hosts, expected', [
+    ('auto', {}, 4, {}),                                  # a plain Cloud TPU VM slice of 4 hosts
+    ('auto', {}, 1, None),                                # a single-host TPU VM
+    ('auto', {'TPU_WORKER_HOSTNAMES': 'host-0'}, 4, None),   # GKE said one host: no lookup
+    ('on', {}, 0, {}),                                    # forced: jax's detection decides
+    ('off', {'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '16'}, 4, None),
+])
+def test_distributed_modes_and_cloud_tpu_slices(mode, environ, tpu_hosts, expected):
+  asked = []
+  def hosts(env):
+    asked.append(env)
+    return tpu_hosts
+  assert sharding_lib.distributed_request(environ, mode=mode, tpu_hosts=hosts) == expected
+  assert len(asked) == (mode == 'auto' and not environ)
+
+
+class _Metadata(http.server.BaseHTTPRequestHandler):
+  """A stand-in for the GCE metadata server of a 4-host TPU VM slice."""
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    if (self.path == '/computeMetadata/v1/instance/attributes/worker-network-endpoints'
+        and self.headers.get('Metadata-Flavor') == 'Google'):
+      body = b'w-0:ab:10.0.0.2,w-1:cd:10.0.0.3,w-2:ef:10.0.0.4,w-3:gh:10.0.0.5'
+      self.send_response(200)
+    else:
+      body = b'not found'
+      self.send_response(404)
+    self.end_headers()
+    self.wfile.write(body)
+
+  def log_message(self, *args):
+    pass
+
+
+def test_cloud_tpu_hosts_reads_the_slice_from_pci_and_metadata(tmp_path):
+  def pci_device(name, vendor):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'vendor').write_text(vendor + '\n')
+
+  pci_device('0000:00:04.0', '0x8086')
+  server = http.server.HTTPServer(('127.0.0.1', 0), _Metadata)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    environ = {'GCE_METADATA_IP': f'127.0.0.1:{server.server_port}'}
+    # No Google PCI device: not a TPU VM, and no request is made.
+    assert sharding_lib.cloud_tpu_hosts(environ, pci_root=str(tmp_path)) == 0
+    pci_device('0000:00:05.0', '0x1ae0')   # a TPU chip (Google's PCI vendor id)
+    assert sharding_lib.cloud_tpu_hosts(environ, pci_root=str(tmp_path)) == 4
+    assert sharding_lib.cloud_tpu_hosts(dict(environ, TPU_SKIP_MDS_QUERY='1'),
+                                        pci_root=str(tmp_path)) == 0
+  finally:
+    server.shutdown()
+    server.server_close()
+  # A Google machine without a metadata server to answer (here: nothing listens any more).
+  assert sharding_lib.cloud_tpu_hosts(environ, pci_root=str(tmp_path)) == 0
 
 
 @pytest.mark.parametrize('flags, match', [
     ({'coordinator_address': 'h:1'}, r'missing --num_processes, --process_id'),
     ({'coordinator_address': 'h', 'num_processes': 2, 'process_id': 0}, r'needs a port: HOST:PORT'),
     ({'coordinator_address': 'h:1', 'num_processes': 2, 'process_id': 2}, r'must be in \[0, '),
+    ({'coordinator_address': 'h:1', 'mode': 'off'}, r'--distributed=off contradicts'),
+    ({'mode': 'yes'}, r"--distributed='yes': expected one of auto, on, off"),
 ])
 def test_incomplete_multi_host_flags_are_a_clear_error(flags, match):
   with pytest.raises(ValueError, match=match):
@@ -74,18 +137,21 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_two_processes(workdir: pathlib.Path, teacher: str, timeout: float) -> list[str]:
-  """Runs main.py as processes 0 and 1; their logs. Both are killed if either fails or stalls."""
+def run_two_processes(program: str, args: list[str], logs_dir: pathlib.Path, timeout: float
+                      ) -> list[str]:
+  """Runs `python -m program args` as processes 0 and 1 of 4 CPU devices each; their logs.
+
+  Both are killed if either fails or stalls.
+  """
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=4')
   address = f'127.0.0.1:{free_port()}'
-  logs = [workdir.parent / f'process_{i}.log' for i in range(2)]
+  logs = [logs_dir / f'{program}_process_{i}.log' for i in range(2)]
   procs = []
   for i, log in enumerate(logs):
     with open(log, 'w') as out:
       procs.append(subprocess.Popen(
-          [sys.executable, '-m', 'skd_jax.main', *RUN_FLAGS, f'--workdir={workdir}',
-           f'--config.teacher.checkpoint={teacher}', f'--coordinator_address={address}',
+          [sys.executable, '-m', program, *args, f'--coordinator_address={address}',
            '--num_processes=2', f'--process_id={i}'],
           cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
   deadline = time.monotonic() + timeout
@@ -161,7 +227,9 @@ REFERENCE = textwrap.dedent('''
 
 def test_two_processes_train_and_evaluate_like_one(tmp_path, teacher_export):
   workdir = tmp_path / 'run'
-  texts = run_two_processes(workdir, teacher_export, timeout=600)
+  texts = run_two_processes('skd_jax.main', [*RUN_FLAGS, f'--workdir={workdir}',
+                                             f'--config.teacher.checkpoint={teacher_export}'],
+                            tmp_path, timeout=600)
   assert 'JAX process 1 of 2' in texts[1] and 'JAX process 0 of 2' in texts[0]
   assert 'Writing the synthetic Cityscapes stand-in' in texts[0]
   assert 'Writing the synthetic Cityscapes stand-in' not in texts[1]   # it waited for process 0
@@ -183,3 +251,14 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, teacher_export):
   confusion = np.asarray(result['eval']['confusion'])
   np.testing.assert_array_equal(confusion, reference['confusion'])
   assert confusion.sum() == reference['labelled'] > 0 and reference['num_images'] == 4
+
+  # The standalone evaluation on two processes: the same matrix, every image exported once.
+  export_dir = tmp_path / 'export'
+  texts = run_two_processes('skd_jax.evaluate', [
+      '--config=configs/test.py', f'--workdir={workdir}', f'--export_dir={export_dir}',
+      f'--config.teacher.checkpoint={teacher_export}'], tmp_path, timeout=300)
+  written = json.loads((workdir / 'eval_student_val.json').read_text())
+  np.testing.assert_array_equal(written['confusion_matrix'], reference['confusion'])
+  assert len(list(export_dir.glob('*_leftImg8bit.png'))) == reference['num_images']
+  assert f'wrote {reference["num_images"]} label-id PNGs' in texts[0]
+  assert 'mIoU' in texts[0] and 'mIoU' not in texts[1]   # one table, from process 0

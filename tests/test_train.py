@@ -194,6 +194,16 @@ def abstract_step_inputs(ctx, batch_size=2, teacher_variables=None):
   return state, batch, teacher_variables or {}
 
 
+def test_poly_schedule_is_the_reference_lr_poly_up_to_and_past_the_end():
+  lr, num_steps, power = 0.01, 40, 0.9
+  schedule = jax.jit(train.poly_schedule(lr, num_steps, power))
+  for step in (0, 1, 17, 39):   # the reference's lr_poly, in float64
+    np.testing.assert_allclose(float(schedule(jnp.asarray(step))),
+                               lr * (1 - step / num_steps) ** power, rtol=1e-6)
+  # Where optax.polynomial_schedule gives NaN under jit: exactly 0 at the end and after it.
+  assert [float(schedule(jnp.asarray(s))) for s in (num_steps, num_steps + 5)] == [0.0, 0.0]
+
+
 def test_baseline_step_compiles_no_teacher_or_discriminator_work():
   config = load_test_config()
   teacher = train.model_from_metadata(config, config.teacher, None)
