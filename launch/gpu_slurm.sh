@@ -35,39 +35,6 @@ usage() {
   sed -n '/^# Trains/,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
 }
 
-die() {
-  echo "gpu_slurm.sh: error: $*" >&2
-  exit 2
-}
-
-# Prints one argument so that a shell reads it back unchanged: bare when safe, else single-quoted.
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-# A command line as one string of quoted arguments.
-join_quoted() {
-  local out='' arg
-  for arg in "$@"; do
-    out+="${out:+ }$(quote "${arg}")"
-  done
-  printf '%s' "${out}"
-}
-
-# Runs a command, or with --dry_run prints it (quoted so that it can be pasted into a shell).
-run() {
-  if [[ ${dry_run} == 1 ]]; then
-    join_quoted "$@"
-    echo
-  else
-    "$@"
-  fi
-}
-
 # The checkout: sbatch runs a copy of this script from its spool directory, so also look at the
 # submission directory.
 find_repo() {
@@ -79,8 +46,14 @@ find_repo() {
       return
     fi
   done
-  die 'cannot find the skd_jax checkout: set SKD_JAX_DIR=/path/to/checkout'
+  echo 'gpu_slurm.sh: error: cannot find the skd_jax checkout: set SKD_JAX_DIR=/path/to/checkout' >&2
+  exit 2
 }
+
+repo="$(find_repo)"
+readonly SCRIPT='gpu_slurm.sh'
+# shellcheck source=launch/common.sh
+source "${repo}/launch/common.sh"
 
 dry_run="${DRY_RUN:-0}"
 nodes="${NODES:-2}"
@@ -99,11 +72,7 @@ for arg in "$@"; do
   esac
 done
 
-repo="$(find_repo)"
-[[ -n ${config} ]] || die '--config is required, e.g. --config=configs/cityscapes.py'
-# A bare name means the file in configs/.
-[[ ${config} == */* || ${config} == *.py ]] || config="configs/${config}.py"
-[[ -f ${repo}/${config} ]] || die "--config=${config}: no such file in ${repo}"
+config="$(config_path "${repo}" "${config}")"
 [[ -n ${workdir} ]] || die '--workdir is required: a directory on a filesystem every node sees'
 [[ ${nodes} =~ ^[1-9][0-9]*$ ]] || die "--nodes (or NODES)='${nodes}' must be a positive integer"
 
@@ -119,8 +88,7 @@ fi
 # 1. The environment (shared by all nodes).
 venv="${SKD_VENV:-${repo}/.venv}"
 python="${PYTHON:-python3}"
-jax_version="$(sed -n 's/^jax==//p' "${repo}/requirements.txt")"
-[[ -n ${jax_version} ]] || die "${repo}/requirements.txt pins no jax==VERSION"
+jax_version="$(pinned_jax_version "${repo}")"
 if ! [[ -x ${venv}/bin/python ]] || ! "${venv}/bin/python" -m pip show -q jax-cuda12-plugin \
     >/dev/null 2>&1; then
   if [[ ${dry_run} != 1 ]] &&

@@ -40,38 +40,9 @@ usage() {
   sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
 }
 
-die() {
-  echo "tpu_vm_pod.sh: error: $*" >&2
-  exit 2
-}
-
-# Prints one argument so that a shell reads it back unchanged: bare when safe, else single-quoted.
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-# A command line as one string of quoted arguments.
-join_quoted() {
-  local out='' arg
-  for arg in "$@"; do
-    out+="${out:+ }$(quote "${arg}")"
-  done
-  printf '%s' "${out}"
-}
-
-# Runs a command, or with --dry_run prints it (quoted so that it can be pasted into a shell).
-run() {
-  if [[ ${dry_run} == 1 ]]; then
-    join_quoted "$@"
-    echo
-  else
-    "$@"
-  fi
-}
+readonly SCRIPT='tpu_vm_pod.sh'
+# shellcheck source=launch/common.sh
+source "${REPO}/launch/common.sh"
 
 name="${TPU_NAME:-skd-jax}"
 zone="${TPU_ZONE:-us-central2-b}"
@@ -101,10 +72,7 @@ for arg in "$@"; do
   esac
 done
 
-[[ -n ${config} ]] || die '--config is required, e.g. --config=configs/cityscapes.py'
-# A bare name means the file in configs/.
-[[ ${config} == */* || ${config} == *.py ]] || config="configs/${config}.py"
-[[ -f ${REPO}/${config} ]] || die "--config=${config}: no such file in ${REPO}"
+config="$(config_path "${REPO}" "${config}")"
 [[ ${workdir} == gs://* ]] ||
   die "--workdir='${workdir}' must be a gs:// path: every host of the slice writes checkpoints"
 [[ ${tfds_data_dir} == gs://* ]] ||
@@ -112,8 +80,7 @@ done
 for value in "${name}" "${zone}" "${accelerator_type}" "${runtime_version}"; do
   [[ -n ${value} ]] || die 'empty --name, --zone, --accelerator_type or --runtime_version'
 done
-jax_version="$(sed -n 's/^jax==//p' "${REPO}/requirements.txt")"
-[[ -n ${jax_version} ]] || die "${REPO}/requirements.txt pins no jax==VERSION"
+jax_version="$(pinned_jax_version "${REPO}")"
 
 where=(--zone="${zone}")
 [[ -z ${project} ]] || where+=(--project="${project}")

@@ -34,6 +34,7 @@ from skd_jax import evaluate as eval_lib
 from skd_jax import losses
 from skd_jax import sharding as sharding_lib
 from skd_jax.models import create_segmenter
+from skd_jax.models import discriminator as disc_lib
 from skd_jax.models.discriminator import Discriminator
 from skd_jax.paths import as_path
 
@@ -409,8 +410,9 @@ def create_train_state(ctx: StepContext, image_shape: tuple[int, ...], seed: jax
   disc_params = disc_batch_stats = disc_opt_state = {}
   if ctx.disc is not None:
     logits = jax.eval_shape(lambda: ctx.student.apply(student_variables, images, train=False))[0]
-    disc_variables = ctx.disc.init(disc_rng, jnp.zeros(logits.shape, jnp.float32),
-                                   images if ctx.disc.image_conditioned else None, train=False)
+    disc_variables = disc_lib.init_variables(
+        ctx.disc, disc_rng, jnp.zeros(logits.shape, jnp.float32),
+        images if ctx.disc.image_conditioned else None)
     disc_params, disc_batch_stats = disc_variables['params'], disc_variables['batch_stats']
     disc_opt_state = ctx.disc_tx.init(disc_params)
   return TrainState(

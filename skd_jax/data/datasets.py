@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import io
 import os
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -50,14 +50,14 @@ class Dataset:
     builder_name: the tfds builder, e.g. 'camvid'.
     label_lut: [256] uint8, the train id of each stored label value (255 = ignored).
     check_manual_dir: raises FileNotFoundError / ValueError naming what is missing or malformed
-      in a manual directory, and where it was searched.
+      in a manual directory, and where it was searched (its return value is ignored).
     image_key, label_key, id_key: feature names of the encoded image, the encoded label map and
       the image id in the builder's examples.
   """
   info: DatasetInfo
   builder_name: str
   label_lut: np.ndarray
-  check_manual_dir: Callable[[str], None]
+  check_manual_dir: Callable[[str], Any]
   image_key: str = 'image'
   label_key: str = 'label'
   id_key: str = 'image_id'
@@ -212,12 +212,18 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
   Features: 'image' (encoded RGB or grey image, see `image_bytes`), 'label' (grey PNG of the raw
   label values), 'image_id' (file name without extension). Subclasses set `name`, VERSION,
-  RELEASE_NOTES, MANUAL_DOWNLOAD_INSTRUCTIONS, IMAGE_FORMAT and HOMEPAGE, and define
-  `_split_generators` as {split: self._generate_examples(split, pairs)}; `read_label` reads one
-  label file (default: a PNG).
+  RELEASE_NOTES, MANUAL_DOWNLOAD_INSTRUCTIONS, IMAGE_FORMAT and HOMEPAGE, and `find_examples`
+  (a staticmethod: manual directory -> {tfds split: its pairs}, raising FileNotFoundError naming
+  what is missing; the same function serves as the dataset's `Dataset.check_manual_dir`);
+  `read_label` reads one label file (default: a PNG).
   """
   IMAGE_FORMAT = 'png'
   HOMEPAGE = ''
+  find_examples: Callable[[str], dict[str, list[Pair]]]
+
+  def _split_generators(self, dl_manager):
+    return {split: self._generate_examples(split, pairs)
+            for split, pairs in self.find_examples(os.fspath(dl_manager.manual_dir)).items()}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

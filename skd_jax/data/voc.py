@@ -97,10 +97,6 @@ def find_examples(manual_dir: str) -> dict[str, list[datasets.Pair]]:
   return splits
 
 
-def check_manual_dir(manual_dir: str) -> None:
-  """Raises FileNotFoundError naming the first missing folder, list or listed file, and where."""
-  find_examples(manual_dir)
-
 
 def read_sbd_label(path: str) -> np.ndarray:
   """GTcls.Segmentation [H, W] uint8 (class indices 0..20) of an SBD `cls/<id>.mat` file."""
@@ -132,10 +128,8 @@ class Voc2012Aug(datasets.SegmentationBuilder):
       return datasets.label_png(read_sbd_label(path))
     return datasets.label_png(path)
 
-  def _split_generators(self, dl_manager):
-    return {split: self._generate_examples(split, pairs)
-            for split, pairs in find_examples(dl_manager.manual_dir).items()}
+  find_examples = staticmethod(find_examples)
 
 
 DATASET = datasets.Dataset(info=VOC, builder_name=Voc2012Aug.name, label_lut=LABEL_TO_TRAIN_ID,
-                           check_manual_dir=check_manual_dir)
+                           check_manual_dir=find_examples)

@@ -119,12 +119,12 @@ class SpectralConv(nn.Module):
   is not written back, so evaluation is deterministic; the reference advances u on every forward,
   evaluation included.
 
-  Initialisation differs slightly from the reference: during ``init`` Flax's SpectralNorm writes
-  the once-normalised kernel back into ``params``, so the stored initial kernel has a largest
-  singular value of about 1 (1 to 1.5), where PyTorch's raw init has about 0.8 at the reference
-  widths. The forward is unaffected (``W / sigma(W)`` does not depend on the scale of W), but the
-  gradient with respect to the stored kernel scales as 1 / ||W||, so early SGD steps on these
-  kernels are somewhat smaller than the reference's. Loaded checkpoints are not affected.
+  Initialise through `init_variables`, not ``Discriminator.init`` alone: during ``init`` Flax's
+  SpectralNorm writes the once-normalised kernel back into ``params`` (largest singular value
+  about 1 to 1.5, where PyTorch's raw init has about 0.8 at the reference widths). The forward
+  would not care (``W / sigma(W)`` does not depend on the scale of W), but the gradient with
+  respect to the stored kernel scales as 1 / ||W||, so the first SGD steps would be smaller than
+  the reference's.
 
   Attributes:
     features: output channels.
@@ -273,7 +273,39 @@ class Discriminator(nn.Module):
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3))
 
 
+SPECTRAL_LAYERS = ('l1', 'l2', 'l3', 'l4')
+
+
+def init_variables(model: Discriminator, rng: jax.Array, logits: jax.Array,
+                   image: jax.Array | None = None) -> dict[str, Any]:
+  """``model.init`` with the spectral-norm kernels stored raw, as the reference initialises them.
+
+  The reference (SAGAN's ``SpectralNorm``) keeps the raw PyTorch-initialised weight
+  (``weight_bar``, U(-1/sqrt(fan_in), 1/sqrt(fan_in))) and a random unit ``u``; Flax's init stores
+  the kernel divided by one power-iteration estimate of its sigma instead (see `SpectralConv`).
+  Each l1..l4 kernel is therefore drawn again from the PyTorch init; the stored u, computed for the
+  replaced kernel, is then as good as the reference's random start.
+
+  Args:
+    model: the discriminator.
+    rng: a PRNG key.
+    logits: [N, H, W, C] example logits (only the shapes matter).
+    image: [N, Hi, Wi, 3] example image, for an image-conditioned model.
+
+  Returns:
+    {'params', 'batch_stats'}, as ``model.init``.
+  """
+  init_rng, kernel_rng = jax.random.split(rng)
+  variables = model.init(init_rng, logits, image, train=False)
+  params = dict(variables['params'])
+  for layer, key in zip(SPECTRAL_LAYERS, jax.random.split(kernel_rng, len(SPECTRAL_LAYERS))):
+    conv = dict(params[layer]['conv'])
+    conv['kernel'] = torch_kernel_init()(key, conv['kernel'].shape, jnp.float32)
+    params[layer] = dict(params[layer], conv=conv)
+  return dict(variables, params=params)
+
+
 __all__ = [
-    'Discriminator', 'MIN_INPUT_SIZE', 'SelfAttention', 'SpectralConv', 'score_map_size',
-    'torch_bias_init', 'torch_kernel_init',
+    'Discriminator', 'MIN_INPUT_SIZE', 'SPECTRAL_LAYERS', 'SelfAttention', 'SpectralConv',
+    'init_variables', 'score_map_size', 'torch_bias_init', 'torch_kernel_init',
 ]
