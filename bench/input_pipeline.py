@@ -20,7 +20,6 @@ batch size. Also prints the single-threaded cost of the PNG decoding alone.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import sys

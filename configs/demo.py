@@ -12,7 +12,7 @@ then trains three networks in WORKDIR/{teacher,student,student_skd}:
     term averaged per pixel (`loss.pi_reduction='mean'`) instead of the reference's batch sum.
 and prints a table of their validation mIoU (also WORKDIR/demo_results.json).
 
-Sized for 2 CPU cores: 11 min 10 s in all, measured on an idle 2-core machine. No network, no downloads, no accelerator. The
+Sized for 2 CPU cores: 9 min 58 s in all, measured on an idle 2-core machine. No network, no downloads, no accelerator. The
 mIoU is over the classes present in the synthetic scenes. The README shows the table one run gave.
 """
 

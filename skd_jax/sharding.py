@@ -146,7 +146,14 @@ def initialize_distributed(*, mode: str = 'auto', coordinator_address: str | Non
   if request is None or jax.distributed.is_initialized():
     return False
   logging.info('Starting jax.distributed with %s', request or 'the launcher\'s settings')
-  jax.distributed.initialize(**request)
+  try:
+    jax.distributed.initialize(**request)
+  except ValueError as e:
+    if request:
+      raise
+    # jax's cluster detection found nothing to fill in (e.g. --distributed=on on a plain machine).
+    raise ValueError(f'jax.distributed found no cluster to join ({e}): pass --coordinator_address, '
+                     '--num_processes and --process_id, or --distributed=off on one host.') from e
   return True
 
 

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import json
 import pathlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from absl import logging
 from clu import metric_writers, periodic_actions
@@ -330,6 +330,14 @@ def load_teacher(config: ml_collections.ConfigDict):
   return load_model(config, config.teacher, config.teacher.checkpoint)
 
 
+def config_evaluator(model: nn.Module, mesh: jax.sharding.Mesh,
+                     config: ml_collections.ConfigDict) -> Callable[..., np.ndarray]:
+  """`eval_lib.make_evaluator` with the config's classes, ignore label and inference."""
+  return eval_lib.make_evaluator(model, mesh, num_classes=config.data.num_classes,
+                                 ignore_label=config.data.ignore_label,
+                                 **eval_lib.inference_options(config))
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                         checkpoint: str | None = None, which: str = 'student',
                         export_dir: str | None = None, export_color: bool = False
@@ -353,9 +361,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: pathlib.Path
     name = f'student from {path}'
   # Kernels split over 'model' as in training (replicated when config.mesh.model is 1).
   variables = jax.device_put(variables, sharding_lib.model_parallel(variables, mesh))
-  inference = eval_lib.inference_options(config)
-  evaluator = eval_lib.make_evaluator(model, mesh, num_classes=config.data.num_classes,
-                                      ignore_label=config.data.ignore_label, **inference)
+  evaluator = config_evaluator(model, mesh, config)
   exporter = None
   if export_dir:
     exporter = eval_lib.prediction_exporter(
@@ -372,7 +378,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: pathlib.Path
   return {'metrics': metrics, 'name': name, 'split': config.data.eval_split,
           'num_images': pipeline.num_examples(data_dir, config.data.eval_split,
                                               config.data.dataset),
-          'inference': eval_lib.InferenceMode(**inference).describe(), 'confusion': confusion,
+          'inference': eval_lib.InferenceMode(**eval_lib.inference_options(config)).describe(),
+          'confusion': confusion,
           'export_dir': str(exporter.export_dir) if exporter else None,
           'color_dir': str(exporter.color_dir) if exporter and exporter.color_dir else None,
           'num_exported': num_exported}
@@ -583,6 +590,44 @@ def _check_metrics(metrics: dict[str, float], step: int) -> None:
         f'checkpoint (lower the learning rate or the weight of that term).')
 
 
+def _start_state(config: ml_collections.ConfigDict, ctx: StepContext, mesh: jax.sharding.Mesh,
+                 image_shape: tuple[int, ...], manager
+                 ) -> tuple[TrainState, Any, dict[str, Any] | None]:
+  """The state to train from, its sharding, and the run's metadata (None for a new run).
+
+  The latest checkpoint in `manager` if there is one; else a fresh state, whose student backbone
+  comes from ``config.student.pretrained`` when that is set.
+  """
+  make_state = functools.partial(create_train_state, ctx, image_shape)
+  abstract_state = jax.eval_shape(make_state, config.seed)
+  state_sharding = state_shardings(abstract_state, mesh, config.mesh_shard_student)
+  if manager.latest_step() is not None:
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract_state, state_sharding)
+    state, meta = ckpt_lib.restore_train_state(manager, manager.latest_step(), abstract)
+    logging.info('Resumed from %s at step %d', manager.directory, int(state.step))
+    return state, state_sharding, meta
+  pretrained = None
+  if config.student.pretrained:
+    from skd_jax import convert  # pylint: disable=g-import-not-at-top
+    fresh = jax.jit(lambda: ctx.student.init(jax.random.key(config.seed, impl='rbg'),
+                                             jnp.zeros((1, *image_shape[1:])), train=False))()
+    pretrained = convert.load_torch_backbone(config.student.pretrained, fresh)
+  state = jax.jit(make_state, out_shardings=state_sharding)(config.seed, pretrained)
+  return state, state_sharding, None
+
+
+def _evaluate_teacher(config: ml_collections.ConfigDict, teacher: nn.Module,
+                      teacher_variables: PyTree, mesh: jax.sharding.Mesh,
+                      batches: Iterator[dict[str, np.ndarray]]) -> float:
+  """The teacher's mIoU on the eval split (once per run: it is frozen); logs its table."""
+  confusion = config_evaluator(teacher, mesh, config)(teacher_variables, batches)
+  metrics = eval_lib.metrics_from_confusion(
+      confusion, class_names(config), ignore_absent_classes=config.eval.ignore_absent_classes)
+  logging.info('%s', eval_lib.format_table(metrics, 'Teacher:'))
+  return metrics['miou']
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the configured run in `workdir`; returns the final eval metrics."""
   workdir = as_path(workdir)
@@ -597,60 +642,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                 just_logging=jax.process_index() > 0)
   data_dir = prepare_data(config, workdir)
   names = class_names(config)
+  eval_batches = functools.partial(eval_iterator, config, data_dir, per_process_eval_batch)
 
-  cfg = loss_config(config)
   teacher = teacher_variables = None
-  if cfg.uses_teacher:
+  if loss_config(config).uses_teacher:
     teacher, teacher_variables = load_teacher(config)
   ctx = make_step_context(config, teacher)
   # The teacher's kernels split over 'model' (replicated when config.mesh.model is 1).
   teacher_sharding = sharding_lib.model_parallel(teacher_variables, mesh) if teacher else {}
   teacher_variables = jax.device_put(teacher_variables, teacher_sharding) if teacher else {}
 
-  image_shape = (per_process_batch, *config.data.crop_size, 3)
-  pretrained = None
-  if config.student.pretrained:
-    from skd_jax import convert  # pylint: disable=g-import-not-at-top
-    fresh = jax.jit(lambda: ctx.student.init(jax.random.key(config.seed, impl='rbg'),
-                                             jnp.zeros((1, *image_shape[1:])), train=False))()
-    pretrained = convert.load_torch_backbone(config.student.pretrained, fresh)
-  abstract_state = jax.eval_shape(functools.partial(create_train_state, ctx, image_shape),
-                                  config.seed, pretrained)
-  state_sharding = state_shardings(abstract_state, mesh, config.mesh_shard_student)
-  make_state = jax.jit(functools.partial(create_train_state, ctx, image_shape),
-                       out_shardings=state_sharding)
-
   manager = ckpt_lib.open_manager(workdir / 'checkpoints', max_to_keep=config.checkpoint.keep)
   best_manager = ckpt_lib.open_manager(workdir / 'best', max_to_keep=1)
-  meta = {'best_miou': -1.0}
-  if manager.latest_step() is not None:
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            abstract_state, state_sharding)
-    state, meta = ckpt_lib.restore_train_state(manager, manager.latest_step(), abstract)
-    logging.info('Resumed from %s at step %d', manager.directory, int(state.step))
-  else:
-    state = make_state(config.seed, pretrained)
+  state, state_sharding, meta = _start_state(
+      config, ctx, mesh, (per_process_batch, *config.data.crop_size, 3), manager)
+  if meta is None:
+    meta = {'best_miou': -1.0}
     writer.write_hparams({k: str(v) if isinstance(v, (list, tuple)) else v
                           for k, v in flatten_config(config).items()})
   start_step = int(state.step)
 
-  evaluator = eval_lib.make_evaluator(ctx.student, mesh, num_classes=config.data.num_classes,
-                                      ignore_label=config.data.ignore_label,
-                                      **eval_lib.inference_options(config))
+  evaluator = config_evaluator(ctx.student, mesh, config)
   absent = config.eval.ignore_absent_classes
   samples = _eval_samples(config, data_dir, per_process_eval_batch)
   sample_predictions = {}
   teacher_miou = meta.get('teacher_miou')
   if teacher is not None:
     if teacher_miou is None:
-      teacher_eval = eval_lib.make_evaluator(teacher, mesh, num_classes=config.data.num_classes,
-                                             ignore_label=config.data.ignore_label,
-                                             **eval_lib.inference_options(config))
-      teacher_metrics = eval_lib.metrics_from_confusion(
-          teacher_eval(teacher_variables, eval_iterator(config, data_dir, per_process_eval_batch)),
-          names, ignore_absent_classes=absent)
-      teacher_miou = teacher_metrics['miou']
-      logging.info('%s', eval_lib.format_table(teacher_metrics, 'Teacher:'))
+      teacher_miou = _evaluate_teacher(config, teacher, teacher_variables, mesh, eval_batches())
       writer.write_scalars(start_step, {'eval/teacher_miou': teacher_miou})
     sample_predictions['teacher'] = _predict(teacher, teacher_variables, samples['image'],
                                              samples['label'].shape[1:3], mesh)
@@ -674,7 +693,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def run_eval(step: int) -> None:
     nonlocal eval_metrics
     variables = {'params': state.student_params, 'batch_stats': state.student_batch_stats}
-    confusion = evaluator(variables, eval_iterator(config, data_dir, per_process_eval_batch))
+    confusion = evaluator(variables, eval_batches())
     eval_metrics = eval_lib.metrics_from_confusion(confusion, names, ignore_absent_classes=absent)
     eval_metrics['confusion'] = np.asarray(confusion).tolist()   # in result.json, for checks
     scalars = {'eval/miou': eval_metrics['miou'],

@@ -262,3 +262,23 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, teacher_export):
   assert len(list(export_dir.glob('*_leftImg8bit.png'))) == reference['num_images']
   assert f'wrote {reference["num_images"]} label-id PNGs' in texts[0]
   assert 'mIoU' in texts[0] and 'mIoU' not in texts[1]   # one table, from process 0
+
+
+@pytest.mark.parametrize('program', ['skd_jax.main', 'skd_jax.evaluate'])
+@pytest.mark.parametrize('flags, message', [
+    (['--distributed=on'], 'jax.distributed found no cluster to join'),
+    (['--distributed=off', '--coordinator_address=h:1'], '--distributed=off contradicts'),
+    (['--coordinator_address=h:1', '--num_processes=2'], 'missing --process_id'),
+])
+def test_multi_host_flag_errors_end_either_program_with_one_line(program, flags, message, tmp_path):
+  # A plain machine: no launcher variables that jax's cluster detection would pick up.
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(('SLURM_', 'OMPI_', 'PMI_', 'TPU_', 'MEGASCALE_', 'KUBERNETES_'))
+         and k != 'JAX_COORDINATOR_ADDRESS'}
+  out = subprocess.run([sys.executable, '-m', program, '--config=configs/test.py',
+                        f'--workdir={tmp_path}', *flags], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env=dict(env, JAX_PLATFORMS='cpu'))
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1].startswith('error: ') and message in out.stderr
+  assert 'Traceback' not in out.stderr
+  assert not any(tmp_path.iterdir())   # it stopped before doing anything

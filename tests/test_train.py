@@ -327,7 +327,11 @@ MULTI_DEVICE_CHECK = textwrap.dedent('''
       # The discriminator's input BatchNorm divides raw logits by their (small, at init) spread,
       # magnifying the students' float32 rounding differences; its own sharding is checked
       # exactly below.
-      part, tol = ('disc', 1e-3) if name.startswith('.disc') else ('student', 1e-5)
+      # The student's float32 noise floor here, the order of the sums alone, is 1.0e-5 to 1.2e-5
+      # (measured with the discriminator's lr at 0, 1e-4 and 4e-4): 3e-5 leaves room for it,
+      # while what this guards against (BatchNorm statistics or gradients over one device's
+      # single example instead of the batch of 8) is not a rounding-sized change.
+      part, tol = ('disc', 1e-3) if name.startswith('.disc') else ('student', 3e-5)
       worst[part] = max(worst[part], float(np.max(np.abs(a - b) / (1 + np.abs(a)))))
       assert np.allclose(a, b, rtol=tol, atol=tol), (name, np.max(np.abs(a - b)))
     assert int(one.step) == 3 and np.isfinite(m1['loss/total'])
