@@ -53,7 +53,7 @@ import dataclasses
 import functools
 import json
 import math
-import pathlib
+import os
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -65,6 +65,7 @@ from PIL import Image
 from skd_jax import ops
 from skd_jax import sharding as sharding_lib
 from skd_jax.data import cityscapes
+from skd_jax.paths import as_path
 
 # The reference's tile overlap in predict_sliding.
 SLIDING_OVERLAP = 1 / 3
@@ -391,11 +392,12 @@ class PredictionExporter:
   `color_dir`, an RGB rendering in the class palette goes to ``<color_dir>/<same name>``.
   """
 
-  def __init__(self, export_dir: str | pathlib.Path, image_id: Callable[[int], str], *,
+  def __init__(self, export_dir: str | os.PathLike, image_id: Callable[[int], str], *,
                label_ids: np.ndarray, palette: np.ndarray | None = None,
-               color_dir: str | pathlib.Path | None = None):
-    self.export_dir = pathlib.Path(export_dir)
-    self.color_dir = pathlib.Path(color_dir) if color_dir is not None else None
+               color_dir: str | os.PathLike | None = None):
+    # Local or gs://: on several hosts each writes its own images, so the folder must be shared.
+    self.export_dir = as_path(export_dir)
+    self.color_dir = as_path(color_dir) if color_dir is not None else None
     if self.color_dir is not None and palette is None:
       raise ValueError('color_dir needs a palette')
     self._image_id = image_id
@@ -419,13 +421,18 @@ class PredictionExporter:
       train_ids = np.asarray(train_ids)
       valid = (train_ids >= 0) & (train_ids < num_classes)
       label_ids = self._lut[np.where(valid, train_ids, num_classes).astype(np.intp)]
-      Image.fromarray(label_ids).save(self.export_dir / name)  # 2-D uint8: mode 'L'
+      _write_png(self.export_dir / name, label_ids)  # 2-D uint8: mode 'L'
       if self.color_dir is not None:
-        Image.fromarray(cityscapes.colorize(train_ids, self._palette)).save(self.color_dir / name)
+        _write_png(self.color_dir / name, cityscapes.colorize(train_ids, self._palette))
       self.num_written += 1
 
 
-def prediction_exporter(data_dir: str, split: str, export_dir: str | pathlib.Path, *,
+def _write_png(path, pixels: np.ndarray) -> None:
+  with path.open('wb') as f:
+    Image.fromarray(pixels).save(f, format='PNG')
+
+
+def prediction_exporter(data_dir: str, split: str, export_dir: str | os.PathLike, *,
                         dataset: str = 'cityscapes', num_classes: int = 19,
                         color: bool = False) -> PredictionExporter:
   """A `PredictionExporter` for a prepared split; colour files go to ``<export_dir>_color``."""
@@ -433,7 +440,7 @@ def prediction_exporter(data_dir: str, split: str, export_dir: str | pathlib.Pat
     raise ValueError(
         f'--export_dir writes Cityscapes label ids, which needs data.dataset = "cityscapes" and '
         f'data.num_classes = {cityscapes.NUM_CLASSES}; got {dataset!r} with {num_classes} classes.')
-  export_dir = pathlib.Path(export_dir)
+  export_dir = as_path(export_dir)
   color_dir = export_dir.with_name(export_dir.name + '_color') if color else None
   return PredictionExporter(export_dir, image_id_reader(data_dir, split),
                             label_ids=cityscapes.TRAIN_ID_TO_LABEL_ID,
@@ -460,7 +467,6 @@ def evaluate_and_report() -> None:
   """The standalone program: evaluates as the flags say, prints the table, writes the JSON."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from skd_jax import train  # pylint: disable=g-import-not-at-top
-  from skd_jax.paths import as_path  # pylint: disable=g-import-not-at-top
   fl = flags.FLAGS
   workdir = as_path(fl.workdir)
   start = time.time()
