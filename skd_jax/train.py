@@ -266,8 +266,7 @@ def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
 
 
 def student_model(config: ml_collections.ConfigDict):
-  return create_segmenter(config.student.arch, config.data.num_classes, dtype=config.dtype,
-                          **config.student.overrides)
+  return model_from_metadata(config, config.student, None)
 
 
 def model_from_metadata(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
@@ -547,10 +546,9 @@ def class_names(config) -> list[str]:
 def _write_samples(writer, step: int, samples: dict[str, np.ndarray], predictions: dict[str, Any],
                    config) -> None:
   """Input, ground truth and predictions of a few validation images, in the dataset's palette."""
-  from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  palette = pipeline.dataset_info(config.data.dataset).palette
-  colour = lambda ids: np.where((ids == config.data.ignore_label)[..., None], 0,
-                                np.asarray(palette)[np.clip(ids, 0, len(palette) - 1)]).astype(np.uint8)
+  from skd_jax.data import cityscapes, pipeline  # pylint: disable=g-import-not-at-top
+  palette = np.asarray(pipeline.dataset_info(config.data.dataset).palette)
+  colour = lambda ids: cityscapes.colorize(ids, palette)   # the ignore label (out of range): black
   images = {'samples/input': samples['raw_image'], 'samples/ground_truth': colour(samples['label'])}
   images.update({f'samples/{name}_prediction': colour(pred) for name, pred in predictions.items()})
   writer.write_images(step, images)
