@@ -25,6 +25,7 @@ giving logits smaller than the discriminator's 64x64 minimum need
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import platform
@@ -49,6 +50,7 @@ from skd_jax import train  # pylint: disable=g-import-not-at-top
 from skd_jax.models import discriminator as disc_lib  # pylint: disable=g-import-not-at-top
 # bench/pair_wise.py, beside this script.
 from pair_wise import fmt_bytes  # pylint: disable=g-import-not-at-top
+import xla_profile  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -56,6 +58,10 @@ flags.DEFINE_list('crop', None, 'H,W of the random crops (default: config.data.c
 flags.DEFINE_integer('batch', None, 'Global batch size (default: config.optim.batch_size).')
 flags.DEFINE_integer('steps', 10, 'Timed steps per variant; the median is reported.')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation, per variant.')
+flags.DEFINE_enum('step', 'both', ['both', 'skd', 'student'],
+                  'Which step to measure: the configured (SKD) one, the student alone, or both.')
+flags.DEFINE_integer('profile', 0, 'If > 0: also profile each step (XLA per-op timings over '
+                     '--steps steps) and print its slowest N ops.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -142,23 +148,46 @@ def peak_bytes(compiled) -> float:
                - mem.alias_size_in_bytes)
 
 
-def time_steps(compiled, state, batches: list[dict[str, Any]], teacher_variables, warmup: int,
-               steps: int) -> tuple[list[float], dict[str, float]]:
-  """Seconds of each of `steps` steps after `warmup` steps (state chained), and the last metrics."""
-  times = []
-  for i in range(warmup + steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batches[i % len(batches)], teacher_variables)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  return times[warmup:], jax.device_get(metrics)
+@dataclasses.dataclass
+class CompiledStep:
+  """One compiled train step with its state, batches and teacher, ready to be timed.
+
+  `run` chains the state from call to call, so that steps of several `CompiledStep`s (or of
+  another framework) can be interleaved in one process and timed alternately.
+  """
+  compiled: Any
+  state: Any
+  batches: list[dict[str, jax.Array]]
+  teacher_variables: Any
+  compile_s: float
+  calls: int = 0
+
+  def run(self, steps: int) -> tuple[list[float], dict[str, float]]:
+    """Seconds of each of `steps` steps and the last step's metrics."""
+    times, metrics = [], {}
+    for _ in range(steps):
+      start = time.perf_counter()
+      self.state, metrics = self.compiled(self.state, self.batches[self.calls % len(self.batches)],
+                                          self.teacher_variables)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+      self.calls += 1
+    return times, jax.device_get(metrics)
+
+  def analysis(self) -> dict[str, float]:
+    return {'compile_s': self.compile_s, 'flops': xla_flops(self.compiled),
+            'peak_bytes': peak_bytes(self.compiled)}
+
+  def profile(self, steps: int) -> list[xla_profile.OpRow]:
+    return xla_profile.profile_ops(self.compiled, lambda: self.run(1), steps)
 
 
-def measure(config: ml_collections.ConfigDict, teacher, teacher_variables, teacher_sharding,
-            mesh: jax.sharding.Mesh, batches: list[dict[str, np.ndarray]], steps: int,
-            warmup: int) -> dict[str, Any]:
-  """Compiles the configured train step as the trainer does, runs it, returns timings and XLA's
-  analyses. batches: host-local {'image': [b, H, W, 3], 'label': [b, H, W]}."""
+def compile_step(config: ml_collections.ConfigDict, teacher, teacher_variables, teacher_sharding,
+                 mesh: jax.sharding.Mesh, batches: list[dict[str, np.ndarray]]) -> CompiledStep:
+  """The configured train step compiled as the trainer compiles it, with a fresh state.
+
+  batches: host-local {'image': [b, H, W, 3], 'label': [b, H, W]}.
+  """
   ctx = train.make_step_context(config, teacher)
   make_state = functools.partial(train.create_train_state, ctx, batches[0]['image'].shape)
   state_sharding = train.state_shardings(jax.eval_shape(make_state, config.seed), mesh,
@@ -168,15 +197,32 @@ def measure(config: ml_collections.ConfigDict, teacher, teacher_variables, teach
     teacher_variables, teacher_sharding = {}, {}
   step_fn = train.jit_train_step(ctx, mesh, state_sharding, teacher_sharding)
   global_batches = [sharding_lib.global_batch(b, mesh) for b in batches]
-
   start = time.perf_counter()
   compiled = step_fn.lower(state, global_batches[0], teacher_variables).compile()
-  compile_s = time.perf_counter() - start
-  times, metrics = time_steps(compiled, state, global_batches, teacher_variables, warmup, steps)
-  step_s, flops = statistics.median(times), xla_flops(compiled)
-  return {'compile_s': compile_s, 'step_s': step_s, 'min_s': min(times), 'max_s': max(times),
-          'flops': flops, 'flop_rate': flops / step_s, 'peak_bytes': peak_bytes(compiled),
-          'non_finite': [k for k, v in metrics.items() if not np.isfinite(v)]}
+  return CompiledStep(compiled, state, global_batches, teacher_variables,
+                      time.perf_counter() - start)
+
+
+def summarise(times: list[float], analysis: dict[str, float]) -> dict[str, Any]:
+  """Median, min and max step time, and the FLOP rate at the median."""
+  step_s = statistics.median(times)
+  return dict(analysis, step_s=step_s, min_s=min(times), max_s=max(times),
+              flop_rate=analysis['flops'] / step_s)
+
+
+def measure(config: ml_collections.ConfigDict, teacher, teacher_variables, teacher_sharding,
+            mesh: jax.sharding.Mesh, batches: list[dict[str, np.ndarray]], steps: int,
+            warmup: int, profile: bool = False) -> dict[str, Any]:
+  """Compiles the configured train step as the trainer does, runs it, returns timings and XLA's
+  analyses (and, with `profile`, its per-op profile over `steps` more steps)."""
+  step = compile_step(config, teacher, teacher_variables, teacher_sharding, mesh, batches)
+  step.run(warmup)
+  times, metrics = step.run(steps)
+  result = summarise(times, step.analysis())
+  result['non_finite'] = [k for k, v in metrics.items() if not np.isfinite(v)]
+  if profile:
+    result['profile'] = step.profile(steps)
+  return result
 
 
 def describe(config: ml_collections.ConfigDict, alone: bool) -> str:
@@ -223,10 +269,12 @@ def run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, log
   rng = np.random.default_rng(config.seed + jax.process_index())
   batches = [random_batch(rng, local_batch, tuple(config.data.crop_size),
                           config.data.num_classes) for _ in range(2)]
-  variants = [(describe(config, alone=True),
-               config_base.distillation_off(config.copy_and_resolve_references()))]
+  variants = []
+  if FLAGS.step in ('both', 'student'):
+    variants.append((describe(config, alone=True),
+                     config_base.distillation_off(config.copy_and_resolve_references())))
   teacher = teacher_variables = teacher_sharding = None
-  if train.loss_config(config).uses_teacher:
+  if train.loss_config(config).uses_teacher and FLAGS.step in ('both', 'skd'):
     start = time.perf_counter()
     teacher, teacher_variables, teacher_sharding = random_teacher(config, mesh)
     jax.block_until_ready(teacher_variables)
@@ -236,10 +284,13 @@ def run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, log
   for name, variant in variants:
     log(f'measuring {name} ...')
     result = measure(variant, teacher, teacher_variables, teacher_sharding, mesh, batches,
-                     FLAGS.steps, FLAGS.warmup)
+                     FLAGS.steps, FLAGS.warmup, profile=FLAGS.profile > 0)
     if result['non_finite']:
       log(f'  warning: non-finite {result["non_finite"]}: the timings may not be those of a '
           f'healthy run')
+    if 'profile' in result:
+      log(f'\nProfile of {name} (XLA per-op times, {FLAGS.steps} steps):\n' +
+          xla_profile.format_top(result['profile'], result['step_s'], FLAGS.profile) + '\n')
     rows.append((name, result))
   return rows
 
@@ -262,6 +313,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # A TPU pod slice or a multi-task Slurm / MPI job: one process per host, all devices used.
+  if FLAGS.profile > 0:
+    xla_profile.enable_cpu_op_events()   # before JAX starts its CPU backend
   sharding_lib.initialize_distributed()
   config = configure(FLAGS.config)
   mesh = sharding_lib.make_mesh(shape=config.mesh)

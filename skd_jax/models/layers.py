@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from skd_jax import ops
+
 Dtype = Any
 
 # He-normal with fan-out, the initialiser of the reference ResNets' convolutions.
@@ -75,7 +77,8 @@ def conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1,
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride), padding=((padding, padding),) * 2,
       kernel_dilation=(dilation, dilation), use_bias=use_bias, dtype=dtype,
-      param_dtype=jnp.float32, kernel_init=conv_init, name=name)
+      param_dtype=jnp.float32, kernel_init=conv_init,
+      conv_general_dilated=ops.conv_general_dilated, name=name)
 
 
 def activation(x: jax.Array, kind: str) -> jax.Array:
