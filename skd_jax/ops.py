@@ -164,6 +164,7 @@ def ceil_div(a: int, b: int) -> int:
 # Convolution with a CPU-friendly kernel gradient.
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
+BARRIER = False
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
@@ -262,6 +263,8 @@ def _conv_nhwc_bwd(strides, pads, dilation, precision, residuals, grad):
   grad_x, = input_vjp(grad)
 
   def by_rows(x, grad):
+    if BARRIER:
+      x, grad = jax.lax.optimization_barrier((x, grad))
     return conv_kernel_grad_by_rows(x, grad, kernel.shape, strides, pads, dilation,
                                     precision).astype(kernel.dtype)
 
