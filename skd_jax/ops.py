@@ -15,6 +15,7 @@ import functools
 from typing import Any, Sequence
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -138,16 +139,71 @@ def pool2d(x: jax.Array, kernel: int | Sequence[int], stride: int | Sequence[int
   eh = max(0, (oh - 1) * sh + kh - (h + 2 * ph))
   ew = max(0, (ow - 1) * sw + kw - (w + 2 * pw))
   pads = ((0, 0), (ph, ph + eh), (pw, pw + ew), (0, 0))
-  window, strides = (1, kh, kw, 1), (1, sh, sw, 1)
-  # Concrete NumPy init values: JAX recognises (max, -inf) and (add, 0) as the differentiable
-  # reduce_window_max / reduce_window_sum only when the init value is a known constant.
   if mode == 'max':
-    init = np.array(-np.inf, x.dtype)
-    return jax.lax.reduce_window(x, init, jax.lax.max, window, strides, pads)
+    if kh * kw <= _MAX_POOL_OFFSETS:
+      return _max_pool(x, (kh, kw), (sh, sw), pads)
+    return _reduce_window_max(x, (kh, kw), (sh, sw), pads)
+  # A concrete NumPy init value: JAX recognises (add, 0) as the differentiable reduce_window_sum
+  # only when the init value is a known constant.
+  window, strides = (1, kh, kw, 1), (1, sh, sw, 1)
   summed = jax.lax.reduce_window(x, np.array(0, x.dtype), jax.lax.add, window, strides, pads)
   # PyTorch divides by the window clipped to the (symmetrically) padded input.
   counts = np.outer(_window_counts(h, kh, sh, ph, oh), _window_counts(w, kw, sw, pw, ow))
   return summed / jnp.asarray(counts, x.dtype)[None, :, :, None]
+
+
+# Windows up to this many elements take `_max_pool`'s gradient (one masked pass per offset);
+# larger ones (the pair-wise nodes' 32x32 windows) keep XLA's select-and-scatter.
+_MAX_POOL_OFFSETS = 16
+
+
+def _reduce_window_max(x, window, strides, pads):
+  # A concrete NumPy init value: JAX recognises (max, -inf) as the differentiable
+  # reduce_window_max only when the init value is a known constant.
+  return jax.lax.reduce_window(x, np.array(-np.inf, x.dtype), jax.lax.max, (1, *window, 1),
+                               (1, *strides, 1), pads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, strides, pads):
+  """Max pooling whose gradient goes to the first maximum of each window in row-major order,
+  PyTorch's rule and that of XLA's select-and-scatter, without the select-and-scatter.
+
+  XLA:CPU lowers select-and-scatter to a variadic reduce-window over (value, index) pairs and a
+  scatter, which cost as much as the stem's convolutions (profile in the README); here the
+  gradient is one compare-and-mask per window offset, each placed back by a strided pad.
+  """
+  return _reduce_window_max(x, window, strides, pads)
+
+
+def _max_pool_fwd(x, window, strides, pads):
+  y = _reduce_window_max(x, window, strides, pads)
+  return y, (x, y)
+
+
+def _max_pool_bwd(window, strides, pads, residuals, grad):
+  x, y = residuals
+  (kh, kw), (sh, sw) = window, strides
+  xpad = jnp.pad(x, pads, constant_values=-np.inf)
+  n, hp, wp, c = xpad.shape
+  _, oh, ow, _ = y.shape
+  zero = np.array(0, grad.dtype)
+  taken = jnp.zeros(y.shape, bool)
+  grad_xpad = jnp.zeros(xpad.shape, grad.dtype)
+  for i in range(kh):
+    for j in range(kw):
+      end_h, end_w = i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1
+      candidate = jax.lax.slice(xpad, (0, i, j, 0), (n, end_h, end_w, c), (1, sh, sw, 1))
+      first = (candidate == y) & ~taken   # ties: the earliest offset wins
+      taken = taken | first
+      grad_xpad = grad_xpad + jax.lax.pad(
+          jnp.where(first, grad, zero), zero,
+          ((0, 0, 0), (i, hp - end_h, sh - 1), (j, wp - end_w, sw - 1), (0, 0, 0)))
+  (top, _), (left, _) = pads[1], pads[2]
+  return (grad_xpad[:, top:top + x.shape[1], left:left + x.shape[2]],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _window_counts(size: int, kernel: int, stride: int, padding: int, out: int) -> np.ndarray:
@@ -164,7 +220,9 @@ def ceil_div(a: int, b: int) -> int:
 # Convolution with a CPU-friendly kernel gradient.
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
-BARRIER = False
+# The name `conv_general_dilated` gives its outputs (`jax.ad_checkpoint.checkpoint_name`), for
+# rematerialisation policies that keep them.
+CONV_OUTPUT = 'conv_output'
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
@@ -191,11 +249,13 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   strides = tuple(window_strides)
   dilation = tuple(rhs_dilation or (1, 1))
   if not plain or not _kernel_grad_by_rows_pays(lhs.shape, rhs.shape):
-    return jax.lax.conv_general_dilated(
+    out = jax.lax.conv_general_dilated(
         lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, precision=precision)
-  pads = tuple((int(lo), int(hi)) for lo, hi in padding_pairs)
-  return _conv_nhwc(lhs, rhs, strides, pads, dilation, precision)
+  else:
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding_pairs)
+    out = _conv_nhwc(lhs, rhs, strides, pads, dilation, precision)
+  return checkpoint_name(out, CONV_OUTPUT)
 
 
 def _kernel_grad_by_rows_pays(lhs_shape: Sequence[int], rhs_shape: Sequence[int]) -> bool:
@@ -263,8 +323,6 @@ def _conv_nhwc_bwd(strides, pads, dilation, precision, residuals, grad):
   grad_x, = input_vjp(grad)
 
   def by_rows(x, grad):
-    if BARRIER:
-      x, grad = jax.lax.optimization_barrier((x, grad))
     return conv_kernel_grad_by_rows(x, grad, kernel.shape, strides, pads, dilation,
                                     precision).astype(kernel.dtype)
 

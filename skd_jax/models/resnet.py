@@ -35,6 +35,15 @@ Dtype = Any
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 DILATION_SCHEDULES = ('skd', 'cirkd')
 STEMS = ('deep', 'standard')
+# Rematerialisation of the residual blocks (`jax.checkpoint` through `nn.remat`), by policy name:
+# what the backward pass keeps of each block's forward; the rest is recomputed from the block's
+# input. 'convs_saveable' keeps the convolutions' outputs (`ops.CONV_OUTPUT`) and recomputes
+# BatchNorm and ReLU; 'nothing_saveable' keeps only the block's input and recomputes everything.
+REMAT_POLICIES = {
+    'none': None,
+    'convs_saveable': jax.checkpoint_policies.save_only_these_names(ops.CONV_OUTPUT),
+    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
+}
 
 
 class BasicBlock(nn.Module):
@@ -118,6 +127,8 @@ class ResNet(nn.Module):
     stem_ceil_mode: ceil mode of the stem max pool (True in the SKD reference, False in CIRKD).
     width_multiplier: scales every channel count (1.0 = the reference; small values for tests).
     stem: 'deep' (three 3x3 convs, the reference) or 'standard' (torchvision's 7x7 conv).
+    remat: a `REMAT_POLICIES` name: 'none' (default), or rematerialise every residual block in
+      the backward pass under that policy (less memory, one more forward of the blocks).
 
   Returns (from __call__ on images [N, H, W, 3]):
     {'stem': [N, H/4, W/4, 128w], 'layer1': ..., 'layer2': ..., 'layer3': [N, H/8, W/8, c3],
@@ -129,12 +140,22 @@ class ResNet(nn.Module):
   stem_ceil_mode: bool = True
   width_multiplier: float = 1.0
   stem: str = 'deep'
+  remat: str = 'none'
   bn_momentum: float = 0.9
   dtype: Dtype = jnp.float32
 
   @property
   def block_cls(self):
     return BasicBlock if self.depth < 50 else Bottleneck
+
+  def remat_block_cls(self):
+    """`block_cls`, wrapped in `nn.remat` under the policy `remat` names."""
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}')
+    if self.remat == 'none':
+      return self.block_cls
+    # static_argnums counts `self` as 0: `train` (argument 2) is a Python bool.
+    return nn.remat(self.block_cls, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
 
   def stage_channels(self) -> tuple[int, int, int, int]:
     """Output channels of layer1..layer4."""
@@ -161,14 +182,14 @@ class ResNet(nn.Module):
     features = {'stem': x}
 
     strides, dilations = stage_strides_and_dilations(self.output_stride)
-    block_cls = self.block_cls
+    block_cls = self.remat_block_cls()
     in_channels = x.shape[-1]
     for stage, (num_blocks, stride, dilation) in enumerate(
         zip(STAGE_SIZES[self.depth], strides, dilations), start=1):
       planes = scaled(64 * 2 ** (stage - 1), w)
       for b in range(num_blocks):
         block_stride = stride if b == 0 else 1
-        out_channels = planes * block_cls.expansion
+        out_channels = planes * self.block_cls.expansion
         x = block_cls(
             planes=planes, stride=block_stride,
             dilation=first_block_dilation(dilation, self.dilation_schedule) if b == 0 else dilation,

@@ -38,6 +38,8 @@ class Segmenter(nn.Module):
       R101 / R18; CIRKD: 256 / 128 for DeepLabV3 R101 / R18).
     aux_channels: aux head width before the multiplier; None = no aux head.
     dtype: compute dtype of convolutions and activations (params and BN statistics stay float32).
+    remat: rematerialisation policy of the backbone's residual blocks (`resnet.REMAT_POLICIES`:
+      'none', 'convs_saveable', 'nothing_saveable'); the parameters are the same.
 
   __call__(images [N, H, W, 3], train) returns:
     logits [N, h, w, C], aux_logits [N, h, w, C] or None, and features: a dict holding 'head' (the
@@ -55,6 +57,7 @@ class Segmenter(nn.Module):
   stem: str = 'deep'
   bn_momentum: float = 0.9
   dtype: Dtype = jnp.float32
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False):
@@ -64,8 +67,8 @@ class Segmenter(nn.Module):
     features = ResNet(
         depth=self.depth, output_stride=self.output_stride,
         dilation_schedule=self.dilation_schedule, stem_ceil_mode=self.stem_ceil_mode,
-        width_multiplier=w, stem=self.stem, bn_momentum=self.bn_momentum, dtype=self.dtype,
-        name='backbone')(images, train)
+        width_multiplier=w, stem=self.stem, remat=self.remat, bn_momentum=self.bn_momentum,
+        dtype=self.dtype, name='backbone')(images, train)
     head_cls = PSPHead if self.head == 'psp' else ASPPHead
     logits, head_feature = head_cls(
         num_classes=self.num_classes, channels=scaled(self.head_channels, w),
