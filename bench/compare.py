@@ -11,7 +11,9 @@ the same networks, shapes and losses, and then alternates: `--steps_per_round` s
 same of each PyTorch mode, `--rounds` times. Alternating in one run is what makes the ratio
 meaningful on a machine whose load changes (a shared CI machine): both see the same conditions.
 It prints the hardware and a markdown table of images/s (global batch / median step time) of
-each and the ratio ours / PyTorch.
+each and the ratio ours / PyTorch, and the same ratio from the median process CPU seconds per
+step (all threads): on a shared machine the load of other processes moves wall-clock times by 2x
+from step to step, CPU time much less (measured), so the two ratios bracket the truth.
 
 PyTorch runs with `OMP_WAIT_POLICY=PASSIVE` unless `--torch_env` says otherwise: on a shared
 machine its spinning OpenMP threads otherwise lose their time slices (measured: a tiny step 35x
@@ -117,6 +119,7 @@ class TorchStep:
     self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  text=True, env=env)
     self.info = self._read()['ready']
+    self.cpu_times: list[float] = []   # process CPU seconds of every step run so far
 
   def _read(self) -> dict[str, Any]:
     for line in self.proc.stdout:
@@ -129,6 +132,7 @@ class TorchStep:
     self.proc.stdin.write(f'run {steps}\n')
     self.proc.stdin.flush()
     reply = self._read()
+    self.cpu_times += reply['cpu_times']
     return reply['times'], reply['losses']
 
   def close(self) -> None:
@@ -139,17 +143,19 @@ class TorchStep:
 
 
 def alternate(runners: dict[str, Any], rounds: int, steps: int, warmup: int, log
-              ) -> dict[str, list[float]]:
-  """Step times of each runner, `steps` at a time in turn for `rounds` rounds after `warmup`."""
+              ) -> dict[str, tuple[list[float], list[float]]]:
+  """(wall-clock, process CPU) seconds of each runner's steps, `steps` at a time in turn for
+  `rounds` rounds after `warmup` steps each."""
   for runner in runners.values():
     runner.run(warmup)
+  first = {name: len(runner.cpu_times) for name, runner in runners.items()}
   times = {name: [] for name in runners}
   for r in range(rounds):
     for name, runner in runners.items():
       times[name] += runner.run(steps)[0]
-    log(f'  round {r + 1}/{rounds}: ' + ', '.join(
-        f'{name} {statistics.median(t) * 1e3:.0f} ms' for name, t in times.items()))
-  return times
+    log(f'  round {r + 1}/{rounds} (load average {os.getloadavg()[0]:.1f}): ' + ', '.join(
+        f'{name} {t[-1] * 1e3:.0f} ms' for name, t in times.items()))
+  return {name: (times[name], runners[name].cpu_times[first[name]:]) for name in runners}
 
 
 def compare_step(config: ml_collections.ConfigDict, distil: bool, mesh, log
@@ -180,16 +186,19 @@ def compare_step(config: ml_collections.ConfigDict, distil: bool, mesh, log
   return times, hardware
 
 
-def table(rows: list[tuple[str, dict[str, list[float]]]], batch: int) -> str:
-  names = list(rows[0][1])
-  torch_names = names[1:]
+def table(rows: list[tuple[str, dict[str, tuple[list[float], list[float]]]]], batch: int) -> str:
+  """Images/s (median wall clock) of each and the ratios; then the same from process CPU time."""
+  torch_names = list(rows[0][1])[1:]
   header = ['step', 'skd_jax images/s'] + [f'{n} images/s' for n in torch_names] + [
-      f'skd_jax / {n}' for n in torch_names]
+      f'skd_jax / {n}' for n in torch_names] + [
+      f'skd_jax / {n}, CPU time' for n in torch_names]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for step_name, times in rows:
-    rate = {n: batch / statistics.median(t) for n, t in times.items()}
-    cells = [step_name, f'{rate["skd_jax"]:.3f}'] + [f'{rate[n]:.3f}' for n in torch_names] + [
-        f'{rate["skd_jax"] / rate[n]:.2f}x' for n in torch_names]
+    rate = {n: batch / statistics.median(wall) for n, (wall, _) in times.items()}
+    cpu = {n: statistics.median(c) for n, (_, c) in times.items()}
+    cells = ([step_name, f'{rate["skd_jax"]:.3f}'] + [f'{rate[n]:.3f}' for n in torch_names]
+             + [f'{rate["skd_jax"] / rate[n]:.2f}x' for n in torch_names]
+             + [f'{cpu[n] / cpu["skd_jax"]:.2f}x' for n in torch_names])
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 

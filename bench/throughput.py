@@ -161,16 +161,20 @@ class CompiledStep:
   teacher_variables: Any
   compile_s: float
   calls: int = 0
+  # Process CPU seconds of every step run so far (all threads; on CPU, a measure of the work
+  # that the load of other processes on a shared machine changes less than wall-clock time).
+  cpu_times: list[float] = dataclasses.field(default_factory=list)
 
   def run(self, steps: int) -> tuple[list[float], dict[str, float]]:
     """Seconds of each of `steps` steps and the last step's metrics."""
     times, metrics = [], {}
     for _ in range(steps):
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       self.state, metrics = self.compiled(self.state, self.batches[self.calls % len(self.batches)],
                                           self.teacher_variables)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
+      self.cpu_times.append(time.process_time() - cpu_start)
       self.calls += 1
     return times, jax.device_get(metrics)
 

@@ -24,7 +24,8 @@ eager: its gradient penalty needs double backward, which compiled graphs do not 
 `--dtype=bfloat16` runs the networks under `torch.autocast` (AMP; losses in float32).
 
 With ``--serve`` it builds everything once, then reads commands from stdin: ``run N`` runs N
-steps and prints one JSON line ``{"times": [seconds, ...], "losses": {...}}``; ``quit`` exits.
+steps and prints one JSON line ``{"times": [seconds, ...], "cpu_times": [process CPU seconds,
+...], "losses": {...}}``; ``quit`` exits.
 That is how `bench/compare.py` alternates it with the JAX step. Without it, it runs
 `--warmup` + `--steps` steps and prints images/s.
 """
@@ -315,16 +316,19 @@ class SKDStep:
     self.step_count += 1
     return terms
 
-  def timed_steps(self, n: int) -> tuple[list[float], dict[str, float]]:
-    times, values = [], {}
+  def timed_steps(self, n: int) -> tuple[list[float], list[float], dict[str, float]]:
+    """Wall-clock and process CPU seconds of each of n steps, and the last step's losses."""
+    times, cpu_times, values = [], [], {}
     for _ in range(n):
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       terms = self.step()
-      values = {k: float(v.detach()) for k, v in terms.items()}   # waits for the step, like block_until_ready
+      # Reading the values waits for the step, like jax.block_until_ready.
+      values = {k: float(v.detach()) for k, v in terms.items()}
       if self.device.type == 'cuda':
         torch.cuda.synchronize()
       times.append(time.perf_counter() - start)
-    return times, values
+      cpu_times.append(time.process_time() - cpu_start)
+    return times, cpu_times, values
 
 
 def hardware(device: torch.device) -> str:
@@ -379,11 +383,11 @@ def main(argv=None):
       cmd = line.split()
       if not cmd or cmd[0] == 'quit':
         break
-      times, losses = runner.timed_steps(int(cmd[1]))
-      print(json.dumps({'times': times, 'losses': losses}), flush=True)
+      times, cpu_times, losses = runner.timed_steps(int(cmd[1]))
+      print(json.dumps({'times': times, 'cpu_times': cpu_times, 'losses': losses}), flush=True)
     return
   runner.timed_steps(args.warmup)
-  times, losses = runner.timed_steps(args.steps)
+  times, _, losses = runner.timed_steps(args.steps)
   step_s = statistics.median(times)
   print(f'{info["hardware"]}; {args.variant} step, {args.mode}, {args.dtype}, crop '
         f'{args.crop[0]}x{args.crop[1]}, batch {args.batch}: {args.batch / step_s:.3f} images/s '
