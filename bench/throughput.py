@@ -1,7 +1,10 @@
 r"""Training throughput of a config: the full SKD step and the student-alone step.
 
     python bench/throughput.py --config=configs/cityscapes.py [--crop=H,W] [--batch=N] \
-        [--steps=N] [--warmup=N] [--config.dtype=bfloat16 ...]
+        [--steps=N] [--warmup=N] [--step=both|skd|student] [--profile=N] \
+        [--config.dtype=bfloat16 ...]
+    python bench/throughput.py --config=configs/cityscapes.py --sweep \
+        [--sweep_crops=512x512,512x1024] [--sweep_batches=1,2,4,8,16] [--sweep_run_max_pixels=N]
 
 For each of the two steps (the configured objective; the same with every distillation weight 0,
 where neither the teacher nor the discriminator is compiled) it builds exactly what
@@ -16,6 +19,14 @@ prints a markdown table:
   partitioned program), and the rate they were executed at;
 * peak memory: XLA's memory analysis of the compiled step, per device: temporaries + arguments +
   outputs - aliased (the donated state, counted once).
+
+`--profile=N` also runs `--steps` steps under `jax.profiler` and prints the N slowest XLA ops of
+each step with the model path they come from, and the time per kind of op (`xla_profile.py`).
+
+`--sweep` compiles the steps over crops x per-device batches and prints XLA's peak memory and
+FLOPs of each, and images/s of those it executes: every point that fits in memory, except, on
+CPU, those larger than one 512x512 crop per device (`--sweep_run_max_pixels`), which would take
+minutes a step. It ends with the largest swept batch per device that fits.
 
 The same command runs on CPUs, GPUs and TPUs. `--crop` and `--batch` default to the config's
 crop and global batch (which must divide over the devices of the mesh's 'data' axis). Crops
@@ -60,6 +71,16 @@ flags.DEFINE_integer('steps', 10, 'Timed steps per variant; the median is report
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation, per variant.')
 flags.DEFINE_enum('step', 'both', ['both', 'skd', 'student'],
                   'Which step to measure: the configured (SKD) one, the student alone, or both.')
+flags.DEFINE_bool('sweep', False, 'Sweep --sweep_crops x --sweep_batches (per device) instead of '
+                  'one --crop/--batch: XLA\'s peak memory and FLOPs of each, and images/s where '
+                  'executed.')
+flags.DEFINE_list('sweep_crops', ['512x512', '512x1024'], 'Crops of the sweep, HxW.')
+flags.DEFINE_list('sweep_batches', ['1', '2', '4', '8', '16'], 'Per-device batches of the sweep.')
+flags.DEFINE_integer('sweep_run_max_pixels', -1,
+                     'Execute a sweep point only if batch/device x H x W is at most this (0: no '
+                     'limit; -1: one 512x512 crop on CPU, no limit elsewhere); larger points are '
+                     'compiled for the memory analysis only. Points that do not fit in memory are '
+                     'never executed.')
 flags.DEFINE_integer('profile', 0, 'If > 0: also profile each step (XLA per-op timings over '
                      '--steps steps) and print its slowest N ops.')
 flags.mark_flags_as_required(['config'])
@@ -266,29 +287,44 @@ def configure(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-def run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, log
-        ) -> list[tuple[str, dict[str, Any]]]:
-  """(name, measurements) of the configured step and, if it distils, of the student alone."""
-  local_batch = sharding_lib.check_batch_size(config.optim.batch_size, mesh, '--batch')
-  rng = np.random.default_rng(config.seed + jax.process_index())
-  batches = [random_batch(rng, local_batch, tuple(config.data.crop_size),
-                          config.data.num_classes) for _ in range(2)]
+def step_variants(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, log):
+  """([(name, config)] of the steps `--step` selects, and (teacher, variables, sharding)).
+
+  The configured (SKD) step comes first when it distils, then the student alone (every
+  distillation weight 0: neither the teacher nor the discriminator is compiled).
+  """
   variants = []
   if FLAGS.step in ('both', 'student'):
     variants.append((describe(config, alone=True),
                      config_base.distillation_off(config.copy_and_resolve_references())))
-  teacher = teacher_variables = teacher_sharding = None
+  teacher = (None, None, None)
   if train.loss_config(config).uses_teacher and FLAGS.step in ('both', 'skd'):
     start = time.perf_counter()
-    teacher, teacher_variables, teacher_sharding = random_teacher(config, mesh)
-    jax.block_until_ready(teacher_variables)
+    teacher = random_teacher(config, mesh)
+    jax.block_until_ready(teacher[1])
     log(f'random teacher initialised in {time.perf_counter() - start:.1f} s')
     variants.insert(0, (describe(config, alone=False), config))
+  return variants, teacher
+
+
+def host_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                 ) -> list[dict[str, np.ndarray]]:
+  local_batch = sharding_lib.check_batch_size(config.optim.batch_size, mesh, '--batch')
+  rng = np.random.default_rng(config.seed + jax.process_index())
+  return [random_batch(rng, local_batch, tuple(config.data.crop_size), config.data.num_classes)
+          for _ in range(2)]
+
+
+def run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, log
+        ) -> list[tuple[str, dict[str, Any]]]:
+  """(name, measurements) of the configured step and, if it distils, of the student alone."""
+  batches = host_batches(config, mesh)
+  variants, teacher = step_variants(config, mesh, log)
   rows = []
   for name, variant in variants:
     log(f'measuring {name} ...')
-    result = measure(variant, teacher, teacher_variables, teacher_sharding, mesh, batches,
-                     FLAGS.steps, FLAGS.warmup, profile=FLAGS.profile > 0)
+    result = measure(variant, *teacher, mesh, batches, FLAGS.steps, FLAGS.warmup,
+                     profile=FLAGS.profile > 0)
     if result['non_finite']:
       log(f'  warning: non-finite {result["non_finite"]}: the timings may not be those of a '
           f'healthy run')
@@ -297,6 +333,73 @@ def run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, log
           xla_profile.format_top(result['profile'], result['step_s'], FLAGS.profile) + '\n')
     rows.append((name, result))
   return rows
+
+
+def memory_limit_bytes() -> tuple[float, str]:
+  """Memory one device may use, and where the figure comes from."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'bytes_limit' in stats:
+    return float(stats['bytes_limit']), 'the device\'s bytes_limit'
+  physical = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  return physical / 2, 'half the host\'s physical memory'
+
+
+def parse_sweep_crops(values: list[str]) -> list[tuple[int, int]]:
+  crops = []
+  for v in values:
+    try:
+      h, w = (int(x) for x in v.lower().split('x'))
+    except ValueError:
+      raise app.UsageError(f'--sweep_crops: {v!r} is not HxW, e.g. 512x1024.') from None
+    crops.append((h, w))
+  return crops
+
+
+def sweep(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, log) -> str:
+  """The `--sweep` table: XLA's peak memory, FLOPs and (where executed) images/s over crops x
+  per-device batches, for each step `--step` selects."""
+  devices = mesh.shape['data']
+  limit, limit_source = memory_limit_bytes()
+  on_cpu = jax.devices()[0].platform == 'cpu'
+  max_pixels = FLAGS.sweep_run_max_pixels
+  if max_pixels < 0:
+    max_pixels = 512 * 512 if on_cpu else 0
+  variants, teacher = step_variants(config, mesh, log)
+  lines = ['| crop | batch / device | step | peak memory (XLA, per device) | GFLOP / step | '
+           'compile | images/s (global) |', '|---|---|---|---|---|---|---|']
+  fits = {}
+  for crop in parse_sweep_crops(FLAGS.sweep_crops):
+    for per_device in (int(b) for b in FLAGS.sweep_batches):
+      for name, variant in variants:
+        point = variant.copy_and_resolve_references()
+        point.data.crop_size = crop
+        point.optim.batch_size = per_device * devices
+        check_discriminator_input(point, crop)
+        log(f'{crop[0]}x{crop[1]}, batch {per_device}/device: {name} ...')
+        step = compile_step(point, *teacher, mesh, host_batches(point, mesh))
+        analysis = step.analysis()
+        run_it = analysis['peak_bytes'] < limit and (
+            not max_pixels or per_device * crop[0] * crop[1] <= max_pixels)
+        rate = 'compiled only'
+        if analysis['peak_bytes'] >= limit:
+          rate = f'does not fit ({fmt_bytes(limit)})'
+        elif run_it:
+          step.run(FLAGS.warmup)
+          times, _ = step.run(FLAGS.steps)
+          rate = f'{point.optim.batch_size / statistics.median(times):.3f}'
+        if analysis['peak_bytes'] < limit:
+          fits[(name, crop)] = max(fits.get((name, crop), 0), per_device)
+        lines.append(f'| {crop[0]}x{crop[1]} | {per_device} | {name} | '
+                     f'{fmt_bytes(analysis["peak_bytes"])} | {analysis["flops"] / 1e9:.0f} | '
+                     f'{analysis["compile_s"]:.0f} s | {rate} |')
+        del step
+  lines += ['', f'Memory limit per device: {fmt_bytes(limit)} ({limit_source}). Largest swept '
+            f'batch per device that fits:']
+  lines += [f'- {name}, {crop[0]}x{crop[1]}: {b}' for (name, crop), b in fits.items()]
+  if max_pixels:
+    lines += [f'Configurations of more than {max_pixels} pixels per device were compiled for '
+              f'XLA\'s memory analysis but not executed (--sweep_run_max_pixels).']
+  return '\n'.join(lines)
 
 
 def report(rows: list[tuple[str, dict[str, Any]]], config: ml_collections.ConfigDict,
@@ -323,6 +426,14 @@ def main(argv):
   config = configure(FLAGS.config)
   mesh = sharding_lib.make_mesh(shape=config.mesh)
   log = lambda msg: print(msg, flush=True) if jax.process_index() == 0 else None
+  if FLAGS.sweep:
+    table_text = sweep(config, mesh, log)
+    log('\n' + '\n'.join([
+        f'Command: python bench/throughput.py {" ".join(sys.argv[1:])}',
+        f'Hardware: {hardware()}',
+        f'dtype {config.dtype}, mesh {dict(mesh.shape)}; images/s from the median of '
+        f'{FLAGS.steps} steps after {FLAGS.warmup} warm-up steps.', '', table_text]))
+    return
   rows = run(config, mesh, log)
   log('\n' + report(rows, config, mesh))
 

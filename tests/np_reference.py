@@ -77,6 +77,43 @@ def np_conv(x, kernel, *, stride=1, padding=0, dilation=1, bias=None):
   return out if bias is None else out + bias
 
 
+def np_conv_grads(x, kernel, grad, *, stride=1, padding=0, dilation=1):
+  """Gradients (dx, dkernel) of sum(np_conv(x, kernel) * grad), tap by tap: the adjoint of the
+  sums in np_conv (each output gathers patch @ kernel[i, j]; here each tap scatters back)."""
+  n, h, w, _ = x.shape
+  kh, kw, _, _ = kernel.shape
+  xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  _, oh, ow, _ = grad.shape
+  dxp = np.zeros_like(xp)
+  dk = np.zeros(kernel.shape)
+  for i in range(kh):
+    for j in range(kw):
+      rows = slice(i * dilation, i * dilation + stride * (oh - 1) + 1, stride)
+      cols = slice(j * dilation, j * dilation + stride * (ow - 1) + 1, stride)
+      dk[i, j] = np.einsum('nhwc,nhwo->co', xp[:, rows, cols], grad)
+      dxp[:, rows, cols] += grad @ kernel[i, j].T
+  return dxp[:, padding:padding + h, padding:padding + w], dk
+
+
+def np_max_pool_grad(x, grad, k, s, p, ceil_mode):
+  """d(sum(max_pool(x) * grad))/dx with PyTorch's rule: each window's gradient goes to its first
+  maximum in row-major order (CPU kernel: a later element wins only if strictly greater)."""
+  n, h, w, c = x.shape
+  out = np_pool(x, k, s, p, ceil_mode, 'max')
+  dx = np.zeros_like(x)
+  for b in range(n):
+    for ch in range(c):
+      for i in range(out.shape[1]):
+        for j in range(out.shape[2]):
+          best, where = -np.inf, None
+          for r in range(i * s - p, i * s - p + k):
+            for q in range(j * s - p, j * s - p + k):
+              if 0 <= r < h and 0 <= q < w and x[b, r, q, ch] > best:
+                best, where = x[b, r, q, ch], (r, q)
+          dx[b, where[0], where[1], ch] += grad[b, i, j, ch]
+  return dx
+
+
 def np_batch_norm_eval(x, p, s, eps=1e-5):
   return (x - s['mean']) / np.sqrt(s['var'] + eps) * p['scale'] + p['bias']
 

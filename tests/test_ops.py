@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from np_reference import np_adaptive_avg_pool, np_pool, np_resize_align_corners
+from np_reference import (np_adaptive_avg_pool, np_conv, np_conv_grads, np_max_pool_grad, np_pool,
+                          np_resize_align_corners)
 from skd_jax import ops
 
 
@@ -91,3 +92,76 @@ def test_pool2d_gradients_match_pytorch_definition():
   for mode, want in (('max', want_max), ('avg', want_avg)):
     grad = jax.jit(jax.grad(lambda v: ops.pool2d(v, k, s, p, ceil_mode=True, mode=mode).sum()))(xj)
     np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-6)
+
+
+# Convolutions: `ops.conv_general_dilated` (what every backbone and head conv runs) against the
+# tap-by-tap NumPy definition, forward and both gradients, through each of its forms on CPU:
+# a 1x1 kernel (matrix product), a small batch with >= 128 output channels (kernel gradient by
+# rows), and XLA's own convolution otherwise.
+@pytest.mark.parametrize('n,hw,cin,cout,k,stride,pad,dilation', [
+    (1, (9, 11), 5, 128, 3, 1, 2, 2),     # rows, dilated (layer3)
+    (1, (13, 12), 4, 128, 3, 1, 4, 4),    # rows, dilation 4 (layer4)
+    (2, (11, 10), 3, 128, 3, 2, 1, 1),    # rows, strided (layer2_0)
+    (1, (15, 14), 3, 128, 7, 2, 3, 1),    # rows, 7x7 stride 2 (torchvision stem)
+    (1, (9, 9), 6, 128, 1, 2, 0, 1),      # 1x1 stride 2 (projection)
+    (2, (7, 8), 6, 5, 1, 1, 0, 1),        # 1x1
+    (8, (6, 7), 3, 4, 3, 1, 2, 2),        # XLA's convolution (batch 8)
+])
+def test_conv_general_dilated_matches_numpy_definition(n, hw, cin, cout, k, stride, pad, dilation):
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(n, *hw, cin))
+  kernel = rng.normal(size=(k, k, cin, cout)) / np.sqrt(k * k * cin)
+  want = np_conv(x, kernel, stride=stride, padding=pad, dilation=dilation)
+  grad = rng.normal(size=want.shape)
+  want_dx, want_dk = np_conv_grads(x, kernel, grad, stride=stride, padding=pad,
+                                   dilation=dilation)
+
+  def conv(v, kern):
+    return ops.conv_general_dilated(v, kern, (stride, stride), ((pad, pad), (pad, pad)),
+                                    rhs_dilation=(dilation, dilation),
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  got, vjp = jax.vjp(jax.jit(conv), f32(x), f32(kernel))
+  got_dx, got_dk = vjp(f32(grad))
+  # float32 against float64: measured error at most 5e-7 of the largest value (Intel Xeon,
+  # XLA:CPU); 1e-5 leaves a 20x margin for other CPUs' summation orders.
+  for g, w in ((got, want), (got_dx, want_dx), (got_dk, want_dk)):
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())
+
+
+def test_conv_kernel_grad_by_rows_matches_numpy_definition():
+  # Non-square strides, dilations and paddings, directly (whatever the dispatch rule picks).
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(2, 10, 9, 3))
+  kernel = rng.normal(size=(3, 2, 3, 4))
+  strides, pads, dilation = (2, 1), ((1, 2), (0, 1)), (1, 2)
+  out = jax.lax.conv_general_dilated(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32),
+                                     strides, pads, rhs_dilation=dilation,
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  grad = rng.normal(size=out.shape)
+  xp = np.pad(x, ((0, 0), *pads, (0, 0)))
+  want = np.zeros(kernel.shape)
+  _, oh, ow, _ = grad.shape
+  for i in range(3):
+    for j in range(2):
+      patch = xp[:, dilation[0] * i:dilation[0] * i + strides[0] * (oh - 1) + 1:strides[0],
+                 dilation[1] * j:dilation[1] * j + strides[1] * (ow - 1) + 1:strides[1]]
+      want[i, j] = np.einsum('nhwc,nhwo->co', patch, grad)
+  got = ops.conv_kernel_grad_by_rows(jnp.asarray(x, jnp.float32), jnp.asarray(grad, jnp.float32),
+                                     kernel.shape, strides, pads, dilation)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())  # as above
+
+
+def test_max_pool_gradient_gives_ties_to_the_first_maximum():
+  # After a ReLU whole windows are 0: PyTorch (and XLA's select-and-scatter) send each window's
+  # gradient to its first maximum in row-major order, not split among the ties.
+  rng = np.random.default_rng(6)
+  x = np.maximum(rng.normal(size=(2, 9, 10, 3)), 0.0)
+  x[0, :5, :5, 0] = 0.0
+  x[1, 2:6, 3:8, 1] = 0.5
+  grad = rng.normal(size=np_pool(x, 3, 2, 1, True, 'max').shape)
+  _, vjp = jax.vjp(lambda v: ops.pool2d(v, 3, 2, 1, ceil_mode=True, mode='max'),
+                   jnp.asarray(x, jnp.float32))
+  got, = vjp(jnp.asarray(grad, jnp.float32))
+  np.testing.assert_allclose(got, np_max_pool_grad(x, grad, 3, 2, 1, True), rtol=1e-6, atol=1e-6)
