@@ -256,9 +256,10 @@ def describe(config: ml_collections.ConfigDict, alone: bool) -> str:
     overrides = ', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}'
                           for k, v in section.overrides.items())
     return f'{section.arch} ({overrides})' if overrides else section.arch
+  remat = f', remat={config.remat}' if config.get('remat', 'none') != 'none' else ''
   if alone:
-    return f'student alone: {net(config.student)}'
-  return f'SKD: {net(config.teacher)} -> {net(config.student)} + D'
+    return f'student alone: {net(config.student)}{remat}'
+  return f'SKD: {net(config.teacher)} -> {net(config.student)}{remat} + D'
 
 
 def table(rows: list[tuple[str, dict[str, float]]], batch: int, steps: int) -> str:

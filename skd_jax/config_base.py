@@ -14,6 +14,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.dtype = 'float32'             # compute dtype of the networks ('bfloat16' on accelerators)
+  # Rematerialise the student backbone's residual blocks in the backward pass, by policy name:
+  # 'none', 'convs_saveable' (keep the conv outputs), 'nothing_saveable' (keep block inputs
+  # only); see skd_jax/models/resnet.py REMAT_POLICIES and the README's memory table.
+  c.remat = 'none'
   # Device mesh: the batch is split over 'data'; 'model' > 1 splits the teacher's kernels along
   # their largest dimension (for teachers too big for one device). -1 = all remaining devices.
   # 'model' must divide the devices of one host.

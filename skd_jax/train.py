@@ -266,7 +266,9 @@ def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
 
 
 def student_model(config: ml_collections.ConfigDict):
-  return model_from_metadata(config, config.student, None)
+  # config.remat trades memory for time in training only, so it is not part of the model's
+  # metadata: a resumed run takes the command line's.
+  return model_from_metadata(config, config.student, None).clone(remat=config.remat)
 
 
 def model_from_metadata(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
