@@ -172,18 +172,25 @@ def compare_step(config: ml_collections.ConfigDict, distil: bool, mesh, log
                                  batches)
   log(f'  skd_jax step compiled in {ours.compile_s:.1f} s')
   runners = {'skd_jax': ours}
-  torch_runners = {}
+  torch_runners, failed = {}, {}
   try:
     for mode in FLAGS.torch_modes:
-      torch_runners[f'torch {mode}'] = TorchStep(
-          FLAGS.torch_python, torch_args(config, distil) + [f'--mode={mode}'], log)
+      name = f'torch {mode}'
+      try:
+        torch_runners[name] = TorchStep(
+            FLAGS.torch_python, torch_args(config, distil) + [f'--mode={mode}'], log)
+        torch_runners[name].run(1)   # compiles (torch.compile) or fails here
+      except RuntimeError as e:
+        failed[name] = str(e).splitlines()[0]
+        log(f'  {name} does not run: {failed[name]}')
+        torch_runners.pop(name, None)
     runners.update(torch_runners)
     hardware = {name: r.info['hardware'] for name, r in torch_runners.items()}
     times = alternate(runners, FLAGS.rounds, FLAGS.steps_per_round, FLAGS.warmup, log)
   finally:
     for runner in torch_runners.values():
       runner.close()
-  return times, hardware
+  return times, hardware, failed
 
 
 def table(rows: list[tuple[str, dict[str, tuple[list[float], list[float]]]]], batch: int) -> str:
@@ -229,12 +236,17 @@ def main(argv):
                      config_base.distillation_off(config.copy_and_resolve_references()), False))
   for _, variant, distil in variants:
     torch_args(variant, distil)   # refuse what torch_step.py does not state before any work
-  rows, hardware = [], {}
+  rows, hardware, failures = [], {}, []
   start = time.perf_counter()
   for name, variant, distil in variants:
     log(f'comparing {name} ...')
-    times, hardware = compare_step(variant, distil, mesh, log)
+    times, step_hardware, failed = compare_step(variant, distil, mesh, log)
+    hardware.update(step_hardware)
+    failures += [f'{mode} did not run the {name} step: {why}' for mode, why in failed.items()]
     rows.append((name, times))
+  # Columns for the implementations that ran every step.
+  common = [n for n in rows[0][1] if all(n in times for _, times in rows)]
+  rows = [(name, {n: times[n] for n in common}) for name, times in rows]
   crop, batch = config.data.crop_size, config.optim.batch_size
   steps = FLAGS.rounds * FLAGS.steps_per_round
   log('\n' + '\n'.join([
@@ -244,7 +256,7 @@ def main(argv):
       f'Crop {crop[0]}x{crop[1]}, global batch {batch}, dtype {config.dtype}; median of {steps} '
       f'steps each, alternating {FLAGS.steps_per_round} step(s) of each per round after '
       f'{FLAGS.warmup} warm-up step(s); {time.perf_counter() - start:.0f} s in all.', '',
-      table(rows, batch)]))
+      table(rows, batch)] + failures))
 
 
 if __name__ == '__main__':

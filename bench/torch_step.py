@@ -57,9 +57,18 @@ class BatchNorm2d(nn.BatchNorm2d):
   bin-1 PSP branch at batch 1): the normalised value is then 0, as in skd_jax."""
 
   def forward(self, x):
-    momentum = 0.0 if self.momentum is None else self.momentum
+    if self.training and x.numel() == x.shape[1]:
+      # One value per channel (torch.compile's checks refuse it too): the BatchNorm formula
+      # written out; the output is the bias, with zero gradients to x and the weight. The
+      # unbiased running variance would divide by 0: it is kept.
+      mean = x.mean(dim=(0, 2, 3), keepdim=True)
+      var = ((x - mean)**2).mean(dim=(0, 2, 3), keepdim=True)
+      with torch.no_grad():
+        self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.flatten())
+      return ((x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(1, -1, 1, 1)
+              + self.bias.view(1, -1, 1, 1))
     return torch.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
-                            self.training, momentum, self.eps, torch.backends.cudnn.enabled)
+                            self.training, self.momentum, self.eps, torch.backends.cudnn.enabled)
 
 
 def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:

@@ -71,7 +71,8 @@ class BatchNorm(nn.Module):
 def conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1,
          padding: int | None = None, use_bias: bool = False, dtype: Dtype = jnp.float32,
          name: str | None = None) -> nn.Conv:
-  """A 2-D convolution with PyTorch's explicit symmetric padding (default: ``dilation * (k//2)``)."""
+  """A 2-D convolution with PyTorch's explicit symmetric padding (default: ``dilation * (k//2)``),
+  computed by `ops.conv_general_dilated` (XLA's convolution, expressed for speed on CPU)."""
   if padding is None:
     padding = dilation * (kernel // 2)
   return nn.Conv(
