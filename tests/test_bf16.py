@@ -109,10 +109,12 @@ def bf16_outside_networks(jaxpr) -> list[str]:
           and any(getattr(v.aval, 'dtype', None) == jnp.bfloat16 for v in eqn.outvars)]
 
 
-def num_kernels(params, exclude: str = '') -> int:
-  """Number of conv kernels (4-D leaves) of a parameter tree, those under `exclude` left out."""
+def num_kernels(params, exclude: str = '', pointwise: bool | None = None) -> int:
+  """Number of conv kernels (4-D leaves) of a parameter tree, those under `exclude` left out;
+  only the 1x1 ones with ``pointwise=True``, only the others with ``pointwise=False``."""
   return sum(1 for path, x in jax.tree_util.tree_leaves_with_path(params)
-             if x.ndim == 4 and not (exclude and exclude in jax.tree_util.keystr(path)))
+             if x.ndim == 4 and not (exclude and exclude in jax.tree_util.keystr(path))
+             and (pointwise is None or pointwise == (x.shape[:2] == (1, 1))))
 
 
 def float_dtypes(tree) -> set[str]:
@@ -166,12 +168,19 @@ def test_bfloat16_computes_in_the_networks_only():
   assert not outside, outside[:5]
 
   # The StableHLO handed to XLA: the same, less the teacher's aux head, whose output the step
-  # does not use (lowering drops it). Nothing bfloat16 at all in the float32 step.
+  # does not use (lowering drops it); on CPU the 1x1 convolutions are matrix products
+  # (`ops.pointwise_conv`), bfloat16 too. Nothing bfloat16 at all in the float32 step.
   mesh = sharding_lib.make_mesh()
   text = train.jit_train_step(ctx16, mesh).lower(state, batch, teacher_variables).as_text()
   hlo_convs = re.findall(r'stablehlo\.convolution.*-> tensor<[^>]*x(bf16|f32)>', text)
+  hlo_dots = re.findall(r'stablehlo\.dot_general.*-> tensor<[^>]*x(bf16|f32)>', text)
   teacher_aux = num_kernels(teacher_variables['params']['aux_head'], exclude='classifier')
-  assert hlo_convs.count('bf16') == teacher - teacher_aux + 3 * student - 1
+  spatial = lambda params: num_kernels(params, exclude='classifier', pointwise=False)
+  pointwise = lambda params: num_kernels(params, exclude='classifier', pointwise=True)
+  assert hlo_convs.count('bf16') == (spatial(teacher_variables['params']) - teacher_aux
+                                     + 3 * spatial(state.student_params) - 1)
+  assert hlo_dots.count('bf16') >= (pointwise(teacher_variables['params'])
+                                    + 3 * pointwise(state.student_params))
   text = train.jit_train_step(ctx32, mesh).lower(state, batch, teacher_variables).as_text()
   assert 'stablehlo.convolution' in text and 'bf16' not in text
 
