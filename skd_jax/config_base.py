@@ -110,9 +110,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 50
   c.log.num_images = 4
-
-  # Testing aid: exit abruptly right after the checkpoint of this step is written (0 = never).
-  c.debug_exit_after_save_at = 0
   return c
 
 

@@ -459,7 +459,8 @@ def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,
 
 def jit_train_step(ctx: StepContext, mesh: jax.sharding.Mesh, state_sharding: Any = None,
                    teacher_sharding: Any = None):
-  """`train_step` jitted over the mesh: the batch sharded over ``'data'``, the state donated.
+  """`checked_train_step` jitted over the mesh: the batch sharded over ``'data'``, the state
+  donated.
 
   The state and the teacher's variables are replicated unless their shardings are given (trees
   of `NamedSharding`, e.g. from `state_shardings` and `sharding_lib.model_parallel`); the state
@@ -468,7 +469,7 @@ def jit_train_step(ctx: StepContext, mesh: jax.sharding.Mesh, state_sharding: An
   repl, batch = sharding_lib.replicated(mesh), sharding_lib.batch_sharded(mesh)
   state_sharding = repl if state_sharding is None else state_sharding
   teacher_sharding = repl if teacher_sharding is None else teacher_sharding
-  return jax.jit(functools.partial(train_step, ctx=ctx),
+  return jax.jit(functools.partial(checked_train_step, ctx=ctx),
                  in_shardings=(state_sharding, batch, teacher_sharding),
                  out_shardings=(state_sharding, repl), donate_argnums=(0,))
 
@@ -580,12 +581,113 @@ def _eval_samples(config, data_dir: str, per_process_batch: int) -> dict[str, np
   return {k: v[real][:num] for k, v in gathered.items()}
 
 
-def _check_metrics(metrics: dict[str, float], step: int) -> None:
-  bad = [k for k, v in metrics.items() if not np.isfinite(v)]
-  if bad:
-    raise FloatingPointError(
-        f'non-finite {", ".join(bad)} by step {step}: stopping before anything reaches a '
-        f'checkpoint (lower the learning rate or the weight of that term).')
+# The loss terms of a step and the config weights that multiply them in the minimised losses.
+WEIGHTED_TERMS = {
+    'loss/ce': (), 'loss/aux_ce': ('aux_weight',), 'loss/pixel_wise': ('lambda_pi',),
+    'loss/pair_wise': ('lambda_pa',), 'loss/adversarial': ('lambda_ho',),
+    'disc/wasserstein': ('lambda_d',), 'disc/gradient_penalty': ('lambda_d', 'lambda_gp'),
+    'disc/hinge': ('lambda_d',),
+}
+# A weighted term this many times the cross-entropy is what overflowed, not the learning rate.
+DOMINANT_TERM_RATIO = 1e6
+NON_FINITE = 'non_finite/'   # metric prefix: non-finite values counted in each part of the state
+_STATE_PARTS = {
+    'student_params': "the student's parameters",
+    'student_batch_stats': "the student's BatchNorm statistics",
+    'student_opt_state': "the student's optimiser state",
+    'disc_params': "the discriminator's parameters",
+    'disc_batch_stats': "the discriminator's spectral-norm and BatchNorm statistics",
+    'disc_opt_state': "the discriminator's optimiser state",
+}
+
+
+def non_finite_counts(state: TrainState) -> dict[str, jax.Array]:
+  """{'non_finite/<field>': float32 [] count of NaN and infinite values} of each part of `state`."""
+  def count(tree):
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return sum((jnp.sum(~jnp.isfinite(x), dtype=jnp.float32) for x in leaves),
+               jnp.zeros((), jnp.float32))
+  return {f'{NON_FINITE}{field}': count(getattr(state, field)) for field in _STATE_PARTS}
+
+
+def checked_train_step(state: TrainState, batch: dict[str, jax.Array], teacher_variables: PyTree,
+                       *, ctx: StepContext) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`train_step`, its metrics joined by `non_finite_counts` of the new state.
+
+  Counted inside the step, so that a value that overflows in the state alone (BatchNorm running
+  variances at a large learning rate, while every loss stays finite) is seen at the step it
+  happens, not at the next checkpoint.
+  """
+  new_state, metrics = train_step(state, batch, teacher_variables, ctx=ctx)
+  return new_state, dict(metrics, **non_finite_counts(new_state))
+
+
+def _weighted_terms(metrics: dict[str, float], loss: ml_collections.ConfigDict
+                    ) -> dict[str, tuple[str, float, float]]:
+  """{term: (its weights as config names, weight, weight * value)} of the logged loss terms."""
+  out = {}
+  for term, names in WEIGHTED_TERMS.items():
+    if term in metrics:
+      weight = float(np.prod([loss[n] for n in names])) if names else 1.0
+      with np.errstate(over='ignore', invalid='ignore'):
+        weighted = float(np.float32(weight) * np.float32(metrics[term]))
+      out[term] = (' * '.join(f'loss.{n}' for n in names), weight, weighted)
+  return out
+
+
+def describe_non_finite(step: int, metrics: dict[str, float],
+                        config: ml_collections.ConfigDict) -> str | None:
+  """One line naming what became non-finite at `step`, the term that caused it, and the fix.
+
+  `metrics`: one step's host values (`checked_train_step`'s). None when everything is finite.
+  The cause, in order: a loss term that is itself non-finite or overflows float32 once
+  weighted; else, with every weighted term finite, one that dwarfs the cross-entropy (by
+  `DOMINANT_TERM_RATIO`: its weight is too large); else the update itself (the learning rate).
+  """
+  bad_state = [field for field in _STATE_PARTS if metrics.get(NON_FINITE + field, 0) > 0]
+  bad = [k for k, v in metrics.items() if not k.startswith(NON_FINITE) and not np.isfinite(v)]
+  if not bad_state and not bad:
+    return None
+  what = ', '.join(bad + [_STATE_PARTS[f] for f in bad_state])
+  weighted = _weighted_terms(metrics, config.loss)
+  label = lambda term: f'{weighted[term][0]} * {term}' if weighted[term][0] else term
+  overflowed = [t for t, (_, _, w) in weighted.items() if not np.isfinite(w)]
+  student_lr = f'optim.lr ({config.optim.lr:g})'
+  if overflowed:
+    term = overflowed[0]
+    names, weight, _ = weighted[term]
+    value = metrics[term]
+    cause = (f'{term} is {value}' if not np.isfinite(value) else
+             f'{label(term)} = {weight:g} * {value:.3g} overflows float32')
+    fix = f'lower {names} ({weight:g}) or {student_lr}' if names else f'lower {student_lr}'
+    return f'non-finite {what} at step {step}: {cause}; {fix}.'
+  finite = {t: w for t, (_, _, w) in weighted.items() if t != 'loss/ce'}
+  largest = max(finite, key=lambda t: abs(finite[t]), default=None)
+  ce = abs(metrics.get('loss/ce', 1.0))
+  if largest is not None and abs(finite[largest]) > DOMINANT_TERM_RATIO * max(ce, 1.0):
+    names, weight, value = weighted[largest]
+    return (f'non-finite {what} at step {step}, while every loss term was finite: the largest, '
+            f'{label(largest)} = {value:.3g}, dwarfs the cross-entropy ({ce:.3g}): lower '
+            f'{names} ({weight:g}).')
+  terms = (f' (largest weighted term: {label(largest)} = {finite[largest]:.3g})'
+           if largest is not None else '')
+  if bad_state and all(f.startswith('disc_') for f in bad_state) and not any(
+      k.startswith('grad_norm/student') for k in bad):
+    return (f'non-finite {what} at step {step}, while every loss term was finite{terms}: the '
+            f'discriminator\'s updates are too large: lower disc.lr ({config.disc.lr:g}) or '
+            f'loss.lambda_d ({config.loss.lambda_d:g}).')
+  return (f'non-finite {what} at step {step}, while every loss term was finite{terms}: the '
+          f'updates are too large: lower {student_lr}.')
+
+
+def first_non_finite(steps: list[tuple[int, dict[str, float]]],
+                     config: ml_collections.ConfigDict) -> str | None:
+  """`describe_non_finite` of the first of (step, metrics) with a non-finite value, or None."""
+  for step, metrics in steps:
+    problem = describe_non_finite(step, metrics, config)
+    if problem:
+      return problem
+  return None
 
 
 def _start_state(config: ml_collections.ConfigDict, ctx: StepContext, mesh: jax.sharding.Mesh,
@@ -593,16 +695,18 @@ def _start_state(config: ml_collections.ConfigDict, ctx: StepContext, mesh: jax.
                  ) -> tuple[TrainState, Any, dict[str, Any] | None]:
   """The state to train from, its sharding, and the run's metadata (None for a new run).
 
-  The latest checkpoint in `manager` if there is one; else a fresh state, whose student backbone
-  comes from ``config.student.pretrained`` when that is set.
+  The newest readable checkpoint in `manager` if there is one (`ckpt_lib.restore_latest`: checked
+  against the config first); else a fresh state, whose student backbone comes from
+  ``config.student.pretrained`` when that is set.
   """
   make_state = functools.partial(create_train_state, ctx, image_shape)
   abstract_state = jax.eval_shape(make_state, config.seed)
   state_sharding = state_shardings(abstract_state, mesh, config.mesh_shard_student)
-  if manager.latest_step() is not None:
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            abstract_state, state_sharding)
-    state, meta = ckpt_lib.restore_train_state(manager, manager.latest_step(), abstract)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract_state, state_sharding)
+  restored = ckpt_lib.restore_latest(manager, abstract, model_metadata(config))
+  if restored is not None:
+    state, meta = restored
     logging.info('Resumed from %s at step %d', manager.directory, int(state.step))
     return state, state_sharding, meta
   pretrained = None
@@ -635,12 +739,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                     'optim.batch_size')
   per_process_eval_batch = sharding_lib.check_batch_size(config.eval.batch_size, mesh,
                                                          'eval.batch_size')
-  num_steps = config.optim.num_steps
   writer = metric_writers.create_default_writer(workdir / 'logs',
                                                 just_logging=jax.process_index() > 0)
   data_dir = prepare_data(config, workdir)
-  names = class_names(config)
-  eval_batches = functools.partial(eval_iterator, config, data_dir, per_process_eval_batch)
 
   teacher = teacher_variables = None
   if loss_config(config).uses_teacher:
@@ -650,8 +751,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   teacher_sharding = sharding_lib.model_parallel(teacher_variables, mesh) if teacher else {}
   teacher_variables = jax.device_put(teacher_variables, teacher_sharding) if teacher else {}
 
-  manager = ckpt_lib.open_manager(workdir / 'checkpoints', max_to_keep=config.checkpoint.keep)
-  best_manager = ckpt_lib.open_manager(workdir / 'best', max_to_keep=1)
+  manager = ckpt_lib.open_manager(workdir / 'checkpoints')
+  best_manager = ckpt_lib.open_manager(workdir / 'best')
+  try:
+    return _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir,
+                  per_process_batch, per_process_eval_batch, teacher, teacher_variables,
+                  teacher_sharding)
+  finally:
+    # Whatever stopped the run (the end, a non-finite value, a preemption, an error), the
+    # checkpoints being written are completed and the managers closed before it ends: an
+    # asynchronous save dropped at exit is a lost checkpoint (and pages of orbax errors).
+    try:
+      ckpt_lib.finish_saves(best_manager, keep=1)
+    finally:
+      ckpt_lib.finish_saves(manager, keep=config.checkpoint.keep)
+      writer.flush()
+
+
+def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, per_process_batch,
+           per_process_eval_batch, teacher, teacher_variables, teacher_sharding
+           ) -> dict[str, Any]:
+  """The loop of `train_and_evaluate`, from the start (or resumed) state to the last step."""
+  num_steps = config.optim.num_steps
+  names = class_names(config)
+  eval_batches = functools.partial(eval_iterator, config, data_dir, per_process_eval_batch)
   state, state_sharding, meta = _start_state(
       config, ctx, mesh, (per_process_batch, *config.data.crop_size, 3), manager)
   if meta is None:
@@ -673,20 +796,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                              samples['label'].shape[1:3], mesh)
 
   step_fn = jit_train_step(ctx, mesh, state_sharding, teacher_sharding)
-  batches = train_iterator(config, data_dir, start_step, per_process_batch)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                                     every_steps=config.log.every_steps)
-  window: list[dict[str, jax.Array]] = []
+  window: list[tuple[int, dict[str, jax.Array]]] = []
   eval_metrics: dict[str, Any] = {}
+  saved_step = start_step if start_step else None
 
-  def flush(step: int) -> None:
+  def flush() -> None:
+    """Checks the steps since the last flush for non-finite values, then logs their means."""
     if not window:
       return
-    stacked = jax.device_get(window)
-    means = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+    steps = [(step, {k: float(v) for k, v in m.items()}) for step, m in jax.device_get(window)]
     window.clear()
-    _check_metrics(means, step)
-    writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
+    problem = first_non_finite(steps, config)
+    if problem:
+      kept = (f'the last checkpoint, step {saved_step}, is intact' if saved_step is not None
+              else 'no checkpoint had been written')
+      raise FloatingPointError(f'{problem} Stopped before writing it to a checkpoint; {kept}.')
+    means = {k: float(np.mean([m[k] for _, m in steps])) for k in steps[0][1]
+             if not k.startswith(NON_FINITE)}
+    writer.write_scalars(steps[-1][0], {f'train/{k}': v for k, v in means.items()})
+
+  def run_meta(step: int) -> dict[str, Any]:
+    return dict(meta, step=step, teacher_miou=teacher_miou, **model_metadata(config))
+
+  def save(step: int) -> None:
+    nonlocal saved_step
+    ckpt_lib.save_train_state(manager, step, state, run_meta(step), keep=config.checkpoint.keep)
+    saved_step = step
 
   def run_eval(step: int) -> None:
     nonlocal eval_metrics
@@ -708,38 +845,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  '' if teacher_miou is None else f' (teacher {teacher_miou:.4f})')
     if eval_metrics['miou'] > meta['best_miou']:
       meta['best_miou'] = eval_metrics['miou']
-      ckpt_lib.save_train_state(best_manager, step, state, run_meta(step))
-
-  def run_meta(step: int) -> dict[str, Any]:
-    return dict(meta, step=step, data_position=step, teacher_miou=teacher_miou,
-                **model_metadata(config))
+      # Before the periodic checkpoint of this step, whose meta records this best mIoU: a kill
+      # between the two leaves a best checkpoint that the replay from the previous periodic
+      # checkpoint finds in place (and keeps), never a best mIoU without its checkpoint.
+      ckpt_lib.save_train_state(best_manager, step, state, run_meta(step), keep=1)
 
   if start_step >= num_steps:  # a finished run resumed: report its final evaluation again
     run_eval(start_step)
-  for step in range(start_step + 1, num_steps + 1):
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      batch = sharding_lib.global_batch(next(batches), mesh)
-      state, metrics = step_fn(state, batch, teacher_variables)
-    window.append(metrics)
-    report_progress(step)
-    last = step == num_steps
-    if step % config.log.every_steps == 0 or last:
-      flush(step)
-    if step % config.eval.every_steps == 0 or last:
-      flush(step)
-      run_eval(step)
-    if step % config.checkpoint.every_steps == 0 or last:
-      flush(step)
-      ckpt_lib.save_train_state(manager, step, state, run_meta(step))
-      if config.get('debug_exit_after_save_at') == step:
-        manager.wait_until_finished()
-        best_manager.wait_until_finished()
-        logging.warning('debug_exit_after_save_at=%d: exiting as if killed', step)
-        import os  # pylint: disable=g-import-not-at-top
-        os._exit(3)  # pylint: disable=protected-access
-  manager.wait_until_finished()
-  best_manager.wait_until_finished()
-  writer.flush()
+  preemption = ckpt_lib.PreemptionNotice(manager)
+  with preemption, train_iterator(config, data_dir, start_step, per_process_batch) as batches:
+    for step in range(start_step + 1, num_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = sharding_lib.global_batch(next(batches), mesh)
+        state, metrics = step_fn(state, batch, teacher_variables)
+      window.append((step, metrics))
+      report_progress(step)
+      last = step == num_steps
+      if step % config.log.every_steps == 0 or last:
+        flush()
+      if step % config.eval.every_steps == 0 or last:
+        flush()
+        run_eval(step)
+      if step % config.checkpoint.every_steps == 0 or last:
+        flush()
+        save(step)
+      if preemption.reached(step) and not last:
+        flush()
+        if saved_step != step:
+          save(step)
+        raise ckpt_lib.Preempted(
+            f'{preemption.reason} at step {step}: saved the checkpoint of step {step} in '
+            f'{manager.directory}; run the same command again to resume from it.')
   result = {'student_miou': eval_metrics.get('miou'), 'teacher_miou': teacher_miou,
             'best_miou': meta['best_miou'], 'eval': eval_metrics, 'step': num_steps}
   if jax.process_index() == 0:

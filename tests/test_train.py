@@ -95,7 +95,7 @@ def test_smoke_baseline_run_evaluates_checkpoints_and_resumes(data_dirs, tmp_pat
   config.optim.num_steps = 4
   result = train.train_and_evaluate(config, workdir)
   _, meta = final_student(workdir)
-  assert meta['step'] == 4 and meta['data_position'] == 4
+  assert meta['step'] == 4
   scalars = read_scalars(workdir / 'logs')
   for tag in ('train/loss/ce', 'train/loss/aux_ce', 'train/loss/total', 'train/grad_norm/student',
               'train/lr/student', 'eval/miou', 'eval_iou/road', 'steps_per_sec'):
@@ -126,26 +126,6 @@ def read_scalars(logdir):
     if all(v.ndim == 0 and v.dtype.kind == 'f' for _, v in values):
       scalars[tag] = [(step, float(v)) for step, v in values]
   return scalars
-
-
-def test_kill_and_resume_equals_straight_run(data_dirs, teacher_export, tmp_path):
-  straight = run_main(tmp_path / 'straight', data_dirs, teacher_export)
-  assert straight.returncode == 0, straight.stderr[-3000:]
-  killed = run_main(tmp_path / 'killed', data_dirs, teacher_export,
-                    '--config.debug_exit_after_save_at=2')
-  assert killed.returncode == 3, killed.stderr[-3000:]
-  assert not (tmp_path / 'killed' / 'checkpoints' / '4').exists()
-  resumed = run_main(tmp_path / 'killed', data_dirs, teacher_export)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert 'Resumed from' in resumed.stderr
-  a, meta_a = final_student(tmp_path / 'straight')
-  b, meta_b = final_student(tmp_path / 'killed')
-  assert meta_a['step'] == meta_b['step'] == 4
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
-  # The runs did train: the final student differs from the one at the resume point.
-  manager = ckpt_lib.open_manager(tmp_path / 'killed' / 'checkpoints', create=False)
-  assert sorted(manager.all_steps()) == [2, 4]
 
 
 def test_confusion_matrix_and_metrics_match_numpy():
@@ -246,7 +226,7 @@ def test_checkpoint_round_trip_and_non_finite_refusal(tmp_path):
   config = load_test_config()
   ctx = train.make_step_context(config, None)
   state = train.create_train_state(ctx, (2, 64, 64, 3), 3)
-  manager = ckpt_lib.open_manager(tmp_path / 'checkpoints', max_to_keep=2)
+  manager = ckpt_lib.open_manager(tmp_path / 'checkpoints')
   ckpt_lib.save_train_state(manager, 5, state, {'step': 5, 'arch': 'pspnet_resnet18'})
   manager.wait_until_finished()
   abstract = jax.eval_shape(lambda: state)
