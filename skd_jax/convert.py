@@ -51,8 +51,8 @@ import numpy as np
 
 from skd_jax.models.layers import scaled
 from skd_jax.models.resnet import STAGE_SIZES
-from skd_jax.models.segmenter import create_segmenter
-from skd_jax.torch_io import CheckpointError, load_torch_state_dict
+from skd_jax.models.segmenter import MODEL_PRESETS, create_segmenter
+from skd_jax.torch_io import load_torch_state_dict
 
 PathLike = str | os.PathLike
 Variables = dict[str, Any]
@@ -417,6 +417,59 @@ def _model_variables(state_dict, source, arch, num_classes, layout, strict, mode
   return variables, overrides, layout
 
 
+# The classifier (output) tensors of each whole-model layout's checkpoints.
+_CLASSIFIER_KEYS = ('head.weight', 'head.1.weight', 'head.block.4.weight')
+
+
+def fitting_archs(state_dict, layout: str, num_classes: int,
+                  model_overrides: Mapping[str, Any]) -> list[tuple[str, int]]:
+  """(arch, num_classes) of the known segmenters that `state_dict` converts into, strictly.
+
+  Tries every `MODEL_PRESETS` name with `num_classes` and with the checkpoint's own classifier
+  width: what an error for a wrong ``--arch`` or ``--num_classes`` suggests.
+  """
+  class_counts = [num_classes] + [int(state_dict[k].shape[0]) for k in _CLASSIFIER_KEYS
+                                  if k in state_dict and state_dict[k].shape[0] != num_classes]
+  fits = []
+  for arch in MODEL_PRESETS:
+    for classes in class_counts:
+      try:
+        _model_variables(state_dict, '', arch, classes, layout, True, model_overrides)
+      except (ConversionError, ValueError):
+        continue
+      fits.append((arch, classes))
+      break
+  return fits
+
+
+def _summary(error: ConversionError, hints: bool = True) -> tuple[str, str]:
+  """A conversion error on one line: (its first line, the counts of each category and hints)."""
+  lines = [line.strip() for line in str(error).splitlines()]
+  details = [line.rstrip(':') for line in lines[1:] if re.fullmatch(r'.+ \(\d+\):', line)]
+  details += [line for line in lines if line.startswith('hint:') and hints]
+  return lines[0], '; '.join(details)
+
+
+def model_variables_or_suggest(state_dict, source, arch, num_classes, layout, strict,
+                               model_overrides):
+  """`_model_variables`, whose error for an unfitting `arch` names the arch the tensors fit."""
+  try:
+    return _model_variables(state_dict, source, arch, num_classes, layout, strict,
+                            model_overrides)
+  except ConversionError as e:
+    layout = _layout_of(state_dict, layout, source)
+    fits = fitting_archs(state_dict, layout, num_classes, model_overrides)
+    if not fits:
+      raise ConversionError('; '.join(filter(None, _summary(e))) + '; no known --arch fits it'
+                            ) from e
+    suggestion = ' or '.join(f'--arch={a}' + (f' --num_classes={n}' if n != num_classes else '')
+                             for a, n in fits)
+    first, details = _summary(e, hints=False)
+    raise ConversionError(
+        f'{source} ({layout} layout) does not fit --arch={arch} with --num_classes='
+        f'{num_classes} ({details or first}): its tensors fit {suggestion}') from e
+
+
 def _backbone_variables(state_dict, source, arch, layout, model_overrides):
   layout = _layout_of(state_dict, layout, source)
   overrides = infer_overrides(state_dict, layout, model_overrides)
@@ -570,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     variables, overrides, _ = _backbone_variables(
         state_dict, args.checkpoint, args.arch, layout, dict(args.override))
   else:
-    variables, overrides, _ = _model_variables(
+    variables, overrides, _ = model_variables_or_suggest(
         state_dict, args.checkpoint, args.arch, args.num_classes, layout, not args.non_strict,
         dict(args.override))
   metadata = {'arch': args.arch, 'num_classes': args.num_classes, 'overrides': overrides,
@@ -584,8 +637,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  try:
-    sys.exit(main())
-  except (ConversionError, CheckpointError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  from skd_jax import cli  # pylint: disable=g-import-not-at-top  (orbax: slow import)
+  sys.exit(cli.run_with_one_line_errors(main))

@@ -513,4 +513,4 @@ if __name__ == '__main__':
                     'With --export_dir: also write colour visualisations to <export_dir>_color.')
   cli.define_multihost_flags()
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -312,6 +312,12 @@ def load_model(config: ml_collections.ConfigDict, section: ml_collections.Config
     metadata = {'arch': section.arch, 'overrides': overrides}
   else:
     variables, metadata = ckpt_lib.load_variables(path)
+    recorded = metadata.get('num_classes')
+    if recorded is not None and recorded != config.data.num_classes:
+      raise ValueError(
+          f'checkpoint {path} predicts {recorded} classes, but {config.data.dataset} has '
+          f'data.num_classes = {config.data.num_classes}: give a network trained on these '
+          'classes (a teacher run of this config, or a converted .pth of this dataset).')
   model = model_from_metadata(config, section, metadata)
   expected = jax.eval_shape(
       lambda: model.init(jax.random.key(0, impl='rbg'), jnp.zeros((1, 64, 64, 3)), train=False))
@@ -739,13 +745,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                     'optim.batch_size')
   per_process_eval_batch = sharding_lib.check_batch_size(config.eval.batch_size, mesh,
                                                          'eval.batch_size')
-  writer = metric_writers.create_default_writer(workdir / 'logs',
-                                                just_logging=jax.process_index() > 0)
-  data_dir = prepare_data(config, workdir)
-
+  # The teacher first: a missing or unfitting one is a one-line error before hours of data
+  # preparation, not after.
   teacher = teacher_variables = None
   if loss_config(config).uses_teacher:
     teacher, teacher_variables = load_teacher(config)
+  writer = metric_writers.create_default_writer(workdir / 'logs',
+                                                just_logging=jax.process_index() > 0)
+  data_dir = prepare_data(config, workdir)
   ctx = make_step_context(config, teacher)
   # The teacher's kernels split over 'model' (replicated when config.mesh.model is 1).
   teacher_sharding = sharding_lib.model_parallel(teacher_variables, mesh) if teacher else {}
