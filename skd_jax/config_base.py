@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.scales = tuple(round(0.7 + 0.1 * i, 1) for i in range(15))  # 0.7, 0.8, ..., 2.1
   c.data.flip = True
   c.data.normalization = 'caffe_bgr'   # BGR minus the Caffe mean, no std (both reference codes)
+  # Label values outside the dataset's table (ignored in training and evaluation): the share of
+  # a split's label pixels above which the run stops at start-up (below: a warning).
+  c.data.unknown_label_tolerance = 1e-3
   # A procedurally generated stand-in in the Cityscapes on-disk format (the demo and tests).
   c.data.synthetic = False
   c.data.synthetic_num_train = 200

@@ -356,7 +356,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: pathlib.Path
   mesh = sharding_lib.make_mesh(shape=config.mesh)
   per_process_batch = sharding_lib.check_batch_size(config.eval.batch_size, mesh,
                                                     'eval.batch_size')
-  data_dir = prepare_data(config, workdir)
+  data_dir = prepare_data(config, workdir, training=False)
   if which == 'teacher':
     model, variables = load_teacher(config)
     name = f'teacher {config.teacher.checkpoint}'
@@ -484,10 +484,17 @@ def jit_train_step(ctx: StepContext, mesh: jax.sharding.Mesh, state_sharding: An
 # Data.
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> str:
+def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
+                 training: bool = True) -> str:
   """Prepares `config.data.dataset` with tfds (writing the synthetic Cityscapes stand-in first if
-  configured); returns the tfds data dir."""
-  from skd_jax.data import pipeline, synthetic  # pylint: disable=g-import-not-at-top
+  configured) and checks it; returns the tfds data dir.
+
+  The checks (`skd_jax.data.checks`): after the first preparation every example is decoded once
+  and its label values counted; this census is then checked against the config (label values
+  outside the dataset's table, the class count and, for `training`, the crop size), so that
+  damaged files and wrong labels stop the run before its first step, each with its one line.
+  """
+  from skd_jax.data import checks, pipeline, synthetic  # pylint: disable=g-import-not-at-top
   data = config.data
   manual_dir = data.manual_dir or str(workdir / 'data' / 'manual')
   data_dir = data.tfds_data_dir or str(workdir / 'data' / 'tfds')
@@ -505,15 +512,22 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> st
           num_test=data.synthetic_num_test, height=data.synthetic_height,
           width=data.synthetic_width, seed=data.synthetic_seed)
     pipeline.prepare_dataset(data.dataset, manual_dir, data_dir)
+    return checks.load_or_take_census(data_dir, data.dataset, manual_dir)
 
   # Multi-host: process 0 prepares while the others wait, so that no two write one folder. The
   # others then find it prepared (a shared folder) or, where the folder is host-local, prepare
   # their own copy (synthetic data is a pure function of its seed).
   if jax.process_index() == 0:
-    prepare()
+    census = prepare()
   sharding_lib.sync('prepare_data')
   if jax.process_index() > 0:
-    prepare()
+    census = prepare()
+  warnings = checks.check_labels(census, data.dataset, data.num_classes,
+                                 data.unknown_label_tolerance)
+  if training:
+    warnings.append(checks.check_crop(census, data.train_split, data.crop_size, data.scales))
+  for warning in filter(None, warnings):
+    logging.warning('%s', warning)
   return data_dir
 
 

@@ -41,7 +41,7 @@ import shutil
 import tempfile
 import weakref
 import zipfile
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -260,6 +260,41 @@ def num_eval_batches(num_examples_in_split: int, batch_size: int, process_count:
   return -(-per_process // batch_size)
 
 
+def split_name(split: str) -> str:
+  """The tfds name of the whole split that `split` (a config's 'val', 'train[:100]', ...) is of."""
+  return _tfds_split(split).split('[')[0]
+
+
+def encoded_examples(data_dir: str, split: str, dataset: str = 'cityscapes'
+                     ) -> Iterator[tuple[str, bytes, bytes]]:
+  """(image id, encoded image, encoded label map) of each example of a prepared split, in turn."""
+  builder = _prepared_builder(data_dir, dataset)
+  spec = datasets.get(dataset)
+  split = _tfds_split(split)
+  if 'array_record' in _file_formats(builder):
+    source = builder.as_data_source(split, decoders=_skip_decoding(spec))
+    examples = (source[i] for i in range(len(source)))
+  else:
+    examples = builder.as_dataset(split=split, decoders=_skip_decoding(spec),
+                                  shuffle_files=False).as_numpy_iterator()
+  for example in examples:
+    image_id = example[spec.id_key]
+    yield (image_id.decode() if isinstance(image_id, bytes) else str(image_id),
+           example[spec.image_key], example[spec.label_key])
+
+
+def decode_image(image_bytes: bytes) -> np.ndarray:
+  """What training and evaluation decode from an encoded image: [H, W, 3] uint8 RGB. Raises
+  `tf.errors.InvalidArgumentError` for a damaged file."""
+  return _decode_image(tf.constant(image_bytes)).numpy()
+
+
+def decode_label(label_png: bytes) -> np.ndarray:
+  """What training and evaluation decode from an encoded label map: the stored values [H, W]
+  uint8. Raises `tf.errors.InvalidArgumentError` for a damaged file."""
+  return _decode_label(tf.constant(label_png)).numpy()
+
+
 # ---------------------------------------------------------------------------------------------
 # Random access to the encoded examples.
 
@@ -322,11 +357,14 @@ def _open_source(data_dir: str, split: str, keep: Callable[[int], bool],
   builder = _prepared_builder(data_dir, dataset)
   spec = datasets.get(dataset)
   split = _tfds_split(split)
-  formats = {f.value for f in builder.info.available_file_formats()} | {
-      builder.info.file_format.value}
-  if 'array_record' in formats:
+  if 'array_record' in _file_formats(builder):
     return _ArrayRecordSource(builder, split, spec)
   return _InMemorySource(builder, split, keep, spec)
+
+
+def _file_formats(builder: tfds.core.DatasetBuilder) -> set[str]:
+  return {f.value for f in builder.info.available_file_formats()} | {
+      builder.info.file_format.value}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,13 +432,21 @@ def _fetch(source: _Source, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   return image_png, label_png
 
 
-def _decode(image_bytes: tf.Tensor, label_png: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """Encoded image (PNG or JPEG), label PNG -> image [H, W, 3] uint8 RGB, raw ids [H, W] uint8."""
+def _decode_image(image_bytes: tf.Tensor) -> tf.Tensor:
+  """Encoded image (PNG or JPEG) -> [H, W, 3] uint8 RGB."""
   # decode_jpeg reads PNGs too; for JPEGs, the accurate IDCT gives PIL's and OpenCV's pixels
   # (TensorFlow's default, the fast one, differs from them by up to a few levels).
-  image = tf.io.decode_jpeg(image_bytes, channels=3, dct_method='INTEGER_ACCURATE')
-  label_ids = tf.io.decode_png(label_png, channels=1)[..., 0]
-  return image, label_ids
+  return tf.io.decode_jpeg(image_bytes, channels=3, dct_method='INTEGER_ACCURATE')
+
+
+def _decode_label(label_png: tf.Tensor) -> tf.Tensor:
+  """Label PNG -> raw ids [H, W] uint8."""
+  return tf.io.decode_png(label_png, channels=1)[..., 0]
+
+
+def _decode(image_bytes: tf.Tensor, label_png: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """Encoded image (PNG or JPEG), label PNG -> image [H, W, 3] uint8 RGB, raw ids [H, W] uint8."""
+  return _decode_image(image_bytes), _decode_label(label_png)
 
 
 def _to_train_ids(label_ids: tf.Tensor,
@@ -750,7 +796,7 @@ def dataset_info(name: str = 'cityscapes') -> cityscapes.DatasetInfo:
 __all__ = [
     'CAFFE_BGR_MEAN', 'CITYSCAPES_BUILDER', 'IMAGENET_RGB_MEAN', 'IMAGENET_RGB_STD',
     'NORMALIZATIONS', 'NumpyIterator', 'augmentation_params', 'check_manual_dir', 'dataset_info',
-    'epoch_order', 'eval_pad_size', 'image_sizes',
+    'decode_image', 'decode_label', 'encoded_examples', 'epoch_order', 'eval_pad_size', 'image_sizes',
     'make_eval_iterator', 'make_train_iterator', 'normalize', 'num_eval_batches', 'num_examples',
-    'prepare_cityscapes', 'prepare_dataset', 'steps_per_epoch',
+    'prepare_cityscapes', 'prepare_dataset', 'split_name', 'steps_per_epoch',
 ]
