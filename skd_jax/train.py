@@ -531,19 +531,26 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   return data_dir
 
 
-def train_iterator(config, data_dir: str, start_step: int, per_process_batch: int, *,
-                   process_index: int | None = None, process_count: int | None = None
-                   ) -> Iterator:
-  """This process's training batches (another process's, given `process_index` and count)."""
+def train_iterator(config, data_dir: str, start_step: int, mesh: jax.sharding.Mesh | None = None,
+                   **process) -> Iterator:
+  """This process's rows of the global training batches of ``config.optim.batch_size``.
+
+  With `mesh`, the rows its devices hold here (`sharding_lib.process_rows`); without, the
+  `pipeline.make_train_iterator` keywords `process_index`, `process_count` (and `rows`) say
+  whose rows (by default: this process's block).
+  """
   from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   data = config.data
+  if mesh is not None:
+    process = {'rows': sharding_lib.process_rows(mesh, config.optim.batch_size)}
+  process.setdefault('process_index', jax.process_index())
+  process.setdefault('process_count', jax.process_count())
   return pipeline.make_train_iterator(
-      data_dir=data_dir, split=data.train_split, batch_size=per_process_batch,
+      data_dir=data_dir, split=data.train_split,
+      batch_size=config.optim.batch_size // process['process_count'],
       crop_size=tuple(data.crop_size), scales=tuple(data.scales) or None, flip=data.flip,
       normalization=data.normalization, seed=config.seed, start_step=start_step,
-      process_index=jax.process_index() if process_index is None else process_index,
-      process_count=jax.process_count() if process_count is None else process_count,
-      dataset=data.dataset)
+      dataset=data.dataset, **process)
 
 
 def eval_iterator(config, data_dir: str, per_process_batch: int) -> Iterator:
@@ -874,7 +881,7 @@ def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, 
   if start_step >= num_steps:  # a finished run resumed: report its final evaluation again
     run_eval(start_step)
   preemption = ckpt_lib.PreemptionNotice(manager)
-  with preemption, train_iterator(config, data_dir, start_step, per_process_batch) as batches:
+  with preemption, train_iterator(config, data_dir, start_step, mesh) as batches:
     for step in range(start_step + 1, num_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = sharding_lib.global_batch(next(batches), mesh)
