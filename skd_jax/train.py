@@ -662,24 +662,42 @@ def _weighted_terms(metrics: dict[str, float], loss: ml_collections.ConfigDict
   return out
 
 
-def describe_non_finite(step: int, metrics: dict[str, float],
-                        config: ml_collections.ConfigDict) -> str | None:
+def _dominant_term(metrics: dict[str, float], loss: ml_collections.ConfigDict
+                   ) -> tuple[str, float, float] | None:
+  """(term, its weighted value, the cross-entropy) when a finite weighted term other than the
+  cross-entropy exceeds it `DOMINANT_TERM_RATIO` times (its weight is what is wrong), else None."""
+  weighted = {t: w for t, (_, _, w) in _weighted_terms(metrics, loss).items()
+              if t != 'loss/ce' and np.isfinite(w)}
+  if not weighted:
+    return None
+  largest = max(weighted, key=lambda t: abs(weighted[t]))
+  ce = abs(metrics.get('loss/ce', 1.0))
+  if np.isfinite(ce) and abs(weighted[largest]) > DOMINANT_TERM_RATIO * max(ce, 1.0):
+    return largest, weighted[largest], ce
+  return None
+
+
+def describe_non_finite(step: int, metrics: dict[str, float], config: ml_collections.ConfigDict,
+                        first_metrics: dict[str, float] | None = None) -> str | None:
   """One line naming what became non-finite at `step`, the term that caused it, and the fix.
 
-  `metrics`: one step's host values (`checked_train_step`'s). None when everything is finite.
+  `metrics`: one step's host values (`checked_train_step`'s); `first_metrics`: those of the
+  run's first step (before a blow-up has distorted every term). None when all is finite.
   The cause, in order: a loss term that is itself non-finite or overflows float32 once
-  weighted; else, with every weighted term finite, one that dwarfs the cross-entropy (by
-  `DOMINANT_TERM_RATIO`: its weight is too large); else the update itself (the learning rate).
+  weighted; else a finite weighted term that dwarfs the cross-entropy (by
+  `DOMINANT_TERM_RATIO`), at this step or the first: its weight is too large; else the update
+  itself: the learning rate (the discriminator's, when only its state blew up).
   """
   bad_state = [field for field in _STATE_PARTS if metrics.get(NON_FINITE + field, 0) > 0]
   bad = [k for k, v in metrics.items() if not k.startswith(NON_FINITE) and not np.isfinite(v)]
   if not bad_state and not bad:
     return None
-  what = ', '.join(bad + [_STATE_PARTS[f] for f in bad_state])
+  what = f'non-finite values in {", ".join(bad + [_STATE_PARTS[f] for f in bad_state])} at step ' \
+         f'{step}'
   weighted = _weighted_terms(metrics, config.loss)
   label = lambda term: f'{weighted[term][0]} * {term}' if weighted[term][0] else term
-  overflowed = [t for t, (_, _, w) in weighted.items() if not np.isfinite(w)]
   student_lr = f'optim.lr ({config.optim.lr:g})'
+  overflowed = [t for t, (_, _, w) in weighted.items() if not np.isfinite(w)]
   if overflowed:
     term = overflowed[0]
     names, weight, _ = weighted[term]
@@ -687,31 +705,32 @@ def describe_non_finite(step: int, metrics: dict[str, float],
     cause = (f'{term} is {value}' if not np.isfinite(value) else
              f'{label(term)} = {weight:g} * {value:.3g} overflows float32')
     fix = f'lower {names} ({weight:g}) or {student_lr}' if names else f'lower {student_lr}'
-    return f'non-finite {what} at step {step}: {cause}; {fix}.'
+    return f'{what}: {cause}; {fix}.'
+  for when, values in (('', metrics), (' at the first step', first_metrics or {})):
+    dominant = _dominant_term(values, config.loss)
+    if dominant:
+      term, value, ce = dominant
+      names, weight, _ = weighted.get(term) or _weighted_terms(values, config.loss)[term]
+      return (f'{what}, while every loss term was finite: {names} * {term} = {value:.3g}'
+              f'{when} dwarfs the cross-entropy ({ce:.3g}): lower {names} ({weight:g}).')
   finite = {t: w for t, (_, _, w) in weighted.items() if t != 'loss/ce'}
   largest = max(finite, key=lambda t: abs(finite[t]), default=None)
-  ce = abs(metrics.get('loss/ce', 1.0))
-  if largest is not None and abs(finite[largest]) > DOMINANT_TERM_RATIO * max(ce, 1.0):
-    names, weight, value = weighted[largest]
-    return (f'non-finite {what} at step {step}, while every loss term was finite: the largest, '
-            f'{label(largest)} = {value:.3g}, dwarfs the cross-entropy ({ce:.3g}): lower '
-            f'{names} ({weight:g}).')
   terms = (f' (largest weighted term: {label(largest)} = {finite[largest]:.3g})'
            if largest is not None else '')
   if bad_state and all(f.startswith('disc_') for f in bad_state) and not any(
       k.startswith('grad_norm/student') for k in bad):
-    return (f'non-finite {what} at step {step}, while every loss term was finite{terms}: the '
-            f'discriminator\'s updates are too large: lower disc.lr ({config.disc.lr:g}) or '
-            f'loss.lambda_d ({config.loss.lambda_d:g}).')
-  return (f'non-finite {what} at step {step}, while every loss term was finite{terms}: the '
-          f'updates are too large: lower {student_lr}.')
+    return (f'{what}, while every loss term was finite{terms}: the discriminator\'s updates are '
+            f'too large: lower disc.lr ({config.disc.lr:g}) or loss.lambda_d '
+            f'({config.loss.lambda_d:g}).')
+  return f'{what}, while every loss term was finite{terms}: the updates are too large: lower ' \
+         f'{student_lr}.'
 
 
-def first_non_finite(steps: list[tuple[int, dict[str, float]]],
-                     config: ml_collections.ConfigDict) -> str | None:
+def first_non_finite(steps: list[tuple[int, dict[str, float]]], config: ml_collections.ConfigDict,
+                     first_metrics: dict[str, float] | None = None) -> str | None:
   """`describe_non_finite` of the first of (step, metrics) with a non-finite value, or None."""
   for step, metrics in steps:
-    problem = describe_non_finite(step, metrics, config)
+    problem = describe_non_finite(step, metrics, config, first_metrics)
     if problem:
       return problem
   return None
@@ -782,9 +801,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager = ckpt_lib.open_manager(workdir / 'checkpoints')
   best_manager = ckpt_lib.open_manager(workdir / 'best')
   try:
-    return _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir,
-                  per_process_batch, per_process_eval_batch, teacher, teacher_variables,
-                  teacher_sharding)
+    result = _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir,
+                    per_process_batch, per_process_eval_batch, teacher, teacher_variables,
+                    teacher_sharding)
   finally:
     # Whatever stopped the run (the end, a non-finite value, a preemption, an error), the
     # checkpoints being written are completed and the managers closed before it ends: an
@@ -794,6 +813,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     finally:
       ckpt_lib.finish_saves(manager, keep=config.checkpoint.keep)
       writer.flush()
+  # Only once the last checkpoint has committed: result.json says the run is complete.
+  if jax.process_index() == 0:
+    (workdir / 'result.json').write_text(json.dumps(result, indent=2))
+  return result
 
 
 def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, per_process_batch,
@@ -829,6 +852,7 @@ def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, 
   window: list[tuple[int, dict[str, jax.Array]]] = []
   eval_metrics: dict[str, Any] = {}
   saved_step = start_step if start_step else None
+  first_metrics: dict[str, float] = {}   # of this run's first step: `describe_non_finite`
 
   def flush() -> None:
     """Checks the steps since the last flush for non-finite values, then logs their means."""
@@ -836,7 +860,9 @@ def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, 
       return
     steps = [(step, {k: float(v) for k, v in m.items()}) for step, m in jax.device_get(window)]
     window.clear()
-    problem = first_non_finite(steps, config)
+    if not first_metrics:
+      first_metrics.update(steps[0][1])
+    problem = first_non_finite(steps, config, first_metrics)
     if problem:
       kept = (f'the last checkpoint, step {saved_step}, is intact' if saved_step is not None
               else 'no checkpoint had been written')
@@ -873,10 +899,12 @@ def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, 
                  '' if teacher_miou is None else f' (teacher {teacher_miou:.4f})')
     if eval_metrics['miou'] > meta['best_miou']:
       meta['best_miou'] = eval_metrics['miou']
-      # Before the periodic checkpoint of this step, whose meta records this best mIoU: a kill
-      # between the two leaves a best checkpoint that the replay from the previous periodic
-      # checkpoint finds in place (and keeps), never a best mIoU without its checkpoint.
+      # Committed before the periodic checkpoint of this step (whose meta records this best
+      # mIoU) is even begun: a kill between the two leaves a best checkpoint that the replay
+      # from the previous periodic checkpoint finds in place (and keeps); never a periodic
+      # checkpoint that claims a best one missing from disk.
       ckpt_lib.save_train_state(best_manager, step, state, run_meta(step), keep=1)
+      ckpt_lib.finish_saves(best_manager, keep=1, close=False)
 
   if start_step >= num_steps:  # a finished run resumed: report its final evaluation again
     run_eval(start_step)
@@ -904,11 +932,8 @@ def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, 
         raise ckpt_lib.Preempted(
             f'{preemption.reason} at step {step}: saved the checkpoint of step {step} in '
             f'{manager.directory}; run the same command again to resume from it.')
-  result = {'student_miou': eval_metrics.get('miou'), 'teacher_miou': teacher_miou,
-            'best_miou': meta['best_miou'], 'eval': eval_metrics, 'step': num_steps}
-  if jax.process_index() == 0:
-    (workdir / 'result.json').write_text(json.dumps(result, indent=2))
-  return result
+  return {'student_miou': eval_metrics.get('miou'), 'teacher_miou': teacher_miou,
+          'best_miou': meta['best_miou'], 'eval': eval_metrics, 'step': num_steps}
 
 
 def flatten_config(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
