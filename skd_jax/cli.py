@@ -12,10 +12,12 @@ after the others time out.
 from __future__ import annotations
 
 import errno
+import io
 import logging as logging_std
 import os
 import re
 import sys
+import threading
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -53,6 +55,84 @@ class _QuietLibraries(logging_std.Filter):
     return record.levelno > logging_std.INFO or not any(
         f'{os.sep}{lib}{os.sep}' in record.pathname
         for lib in ('orbax', 'tensorflow_datasets', 'etils'))
+
+
+class _NoLibraryTracebacks(logging_std.Filter):
+  """Drops the tracebacks that libraries log for an error that reaches the program anyway.
+
+  A failed asynchronous checkpoint write (a full disk) makes orbax, tensorstore and clu log a
+  traceback from each of their threads, hundreds of lines above the one line that says what
+  happened; their messages stay (first line only). `SKD_JAX_TRACEBACK=1` keeps everything.
+  """
+
+  def filter(self, record):
+    if (record.levelno >= logging_std.ERROR and record.exc_info
+        and not os.path.abspath(record.pathname).startswith(_PACKAGE_DIR)):
+      record.exc_info = record.exc_text = None
+      record.msg, record.args = record.getMessage().splitlines()[0], ()
+    return True
+
+
+class _DropClosedLoopTracebacks(io.TextIOBase):
+  """sys.stderr, less the "RuntimeError: Event loop is closed" tracebacks of tensorstore.
+
+  When an asynchronous checkpoint write fails (a full disk), orbax closes its event loop while
+  tensorstore still completes the other writes' futures; each completion prints (PyErr_Print,
+  into sys.stderr) a traceback of that RuntimeError, tens of them after the real error. Each
+  thread's text is held from a "Traceback" line to the exception's line: dropped if that is the
+  closed loop's, written out whole otherwise.
+  """
+
+  def __init__(self, stream):
+    super().__init__()
+    self._stream = stream
+    self._held: dict[int, list[str]] = {}   # per thread: the lines of a traceback so far
+    self._partial: dict[int, str] = {}      # per thread: the text after the last newline
+
+  def write(self, text: str) -> int:
+    thread = threading.get_ident()
+    lines = (self._partial.pop(thread, '') + text).split('\n')
+    if lines[-1]:
+      self._partial[thread] = lines[-1]
+    for line in lines[:-1]:
+      self._line(thread, line + '\n')
+    return len(text)
+
+  def _line(self, thread: int, line: str) -> None:
+    held = self._held.get(thread)
+    if held is None:
+      if line.startswith('Traceback (most recent call last):'):
+        self._held[thread] = [line]
+      else:
+        self._stream.write(line)
+      return
+    held.append(line)
+    if not line.startswith(' '):   # the exception's line ends the traceback
+      del self._held[thread]
+      if line.strip() != 'RuntimeError: Event loop is closed':
+        self._stream.write(''.join(held))
+
+  def flush(self) -> None:
+    for thread in list(self._partial):
+      if thread not in self._held:
+        self._stream.write(self._partial.pop(thread))
+    self._stream.flush()
+
+  def fileno(self) -> int:
+    return self._stream.fileno()
+
+  def isatty(self) -> bool:
+    return self._stream.isatty()
+
+
+def quiet_library_errors() -> None:
+  """For a program's process: `_QuietLibraries`, and unless SKD_JAX_TRACEBACK is set
+  `_NoLibraryTracebacks` and `_DropClosedLoopTracebacks`."""
+  handler = logging.get_absl_handler()
+  handler.addFilter(_QuietLibraries())
+  if not _show_traceback():
+    handler.addFilter(_NoLibraryTracebacks())
+    sys.stderr = _DropClosedLoopTracebacks(sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +219,10 @@ def end_on_error(error: BaseException) -> None:
     _exit_now(1)
   if _show_traceback():
     traceback.print_exception(error)
+  else:
+    # asyncio's "Future exception was never retrieved" for the futures of a failed orbax save,
+    # logged at exit, after the line.
+    logging_std.getLogger('asyncio').setLevel(logging_std.CRITICAL)
   print(line, file=sys.stderr, flush=True)
   code = getattr(error, 'exit_code', 130 if isinstance(error, KeyboardInterrupt) else 1)
   if distributed:
@@ -211,7 +295,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def run(program: Callable[[], None]) -> None:
   """Runs ``program`` in this process of a (possibly multi-host) launch; for `absl.app` mains."""
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  quiet_library_errors()
   fl = flags.FLAGS
   try:
     sharding.initialize_distributed(mode=fl.distributed, coordinator_address=fl.coordinator_address,

@@ -638,4 +638,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == '__main__':
   from skd_jax import cli  # pylint: disable=g-import-not-at-top  (orbax: slow import)
+  cli.quiet_library_errors()
   sys.exit(cli.run_with_one_line_errors(main))
