@@ -128,10 +128,13 @@ class _DropClosedLoopTracebacks(io.TextIOBase):
 def quiet_library_errors() -> None:
   """For a program's process: `_QuietLibraries`, and unless SKD_JAX_TRACEBACK is set
   `_NoLibraryTracebacks` and `_DropClosedLoopTracebacks`."""
-  handler = logging.get_absl_handler()
-  handler.addFilter(_QuietLibraries())
+  # On the loggers the libraries write to (absl's, which orbax and tfds use, and asyncio's),
+  # whichever handler prints them (absl's in the absl programs, Python's last resort in convert).
+  for logger in (logging_std.getLogger('absl'), logging_std.getLogger('asyncio')):
+    logger.addFilter(_QuietLibraries())
+    if not _show_traceback():
+      logger.addFilter(_NoLibraryTracebacks())
   if not _show_traceback():
-    handler.addFilter(_NoLibraryTracebacks())
     sys.stderr = _DropClosedLoopTracebacks(sys.stderr)
 
 
@@ -157,10 +160,15 @@ def _errno_in(chain: Sequence[BaseException], code: int, text: str) -> BaseExcep
 
 
 def _file_of(error: BaseException) -> str:
+  """' (the file)' that `error` names, or ''."""
   name = getattr(error, 'filename', None)
   if name:
     return f' ({name})'
-  match = re.search(r"(/[^\s'\":]+)", str(error))   # libraries that put the path in the text
+  # Libraries that put the path in the text: tensorstore's 'local file "/path"', or any
+  # absolute path after a space or a quote.
+  text = str(error)
+  match = (re.search(r'local file "([^"]+)"', text)
+           or re.search(r"""(?:^|[\s"'(])(/[^\s'":]+)""", text))
   return f' ({match[1]})' if match else ''
 
 
