@@ -193,8 +193,8 @@ def error_line(error: BaseException) -> str | None:
   full = _errno_in(chain, errno.ENOSPC, 'No space left on device')
   if full is not None:
     return (f'error: no space left on the device being written{_file_of(full)}: free space '
-            'there or give a --workdir / --out on a larger disk. Every checkpoint that had '
-            'completed is intact; an unfinished one is removed when the run resumes.')
+            'there or give a --workdir / --out on a larger disk (the checkpoints that had '
+            'completed are intact: a training run resumes from the last).')
   read_only = _errno_in(chain, errno.EROFS, 'Read-only file system')
   if read_only is not None:
     return (f'error: cannot write to a read-only file system{_file_of(read_only)}: give a '

@@ -531,8 +531,8 @@ def test_full_and_read_only_disks_end_each_program_in_one_line(
       f'error: no space left on the device being written ({dirs["TINY"] / "export"}')
   line = last_error(result['main_full'][1])
   assert line.startswith(f'error: no space left on the device being written ({dirs["FULL"]}/run/')
-  assert line.endswith('Every checkpoint that had completed is intact; an unfinished one is '
-                       'removed when the run resumes.')
+  assert line.endswith('(the checkpoints that had completed are intact: a training run '
+                       'resumes from the last).')
   # What had completed before the disk filled: the checkpoints of step 2, readable and finite.
   written = out / 'main_full_workdir'
   assert steps(written / 'checkpoints') == [2] and steps(written / 'best') == [2]
