@@ -465,8 +465,7 @@ def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,
 
 def jit_train_step(ctx: StepContext, mesh: jax.sharding.Mesh, state_sharding: Any = None,
                    teacher_sharding: Any = None):
-  """`checked_train_step` jitted over the mesh: the batch sharded over ``'data'``, the state
-  donated.
+  """`train_step` jitted over the mesh: the batch sharded over ``'data'``, the state donated.
 
   The state and the teacher's variables are replicated unless their shardings are given (trees
   of `NamedSharding`, e.g. from `state_shardings` and `sharding_lib.model_parallel`); the state
@@ -475,7 +474,7 @@ def jit_train_step(ctx: StepContext, mesh: jax.sharding.Mesh, state_sharding: An
   repl, batch = sharding_lib.replicated(mesh), sharding_lib.batch_sharded(mesh)
   state_sharding = repl if state_sharding is None else state_sharding
   teacher_sharding = repl if teacher_sharding is None else teacher_sharding
-  return jax.jit(functools.partial(checked_train_step, ctx=ctx),
+  return jax.jit(functools.partial(train_step, ctx=ctx),
                  in_shardings=(state_sharding, batch, teacher_sharding),
                  out_shardings=(state_sharding, repl), donate_argnums=(0,))
 
@@ -629,24 +628,18 @@ _STATE_PARTS = {
 
 
 def non_finite_counts(state: TrainState) -> dict[str, jax.Array]:
-  """{'non_finite/<field>': float32 [] count of NaN and infinite values} of each part of `state`."""
+  """{'non_finite/<field>': float32 [] count of NaN and infinite values} of each part of `state`.
+
+  The loop counts them after every step (one small jitted reduction, dispatched with the step),
+  so that a value that overflows in the state alone (BatchNorm running variances at a large
+  learning rate, while every loss stays finite) is caught at the step it happens, not at the
+  next checkpoint.
+  """
   def count(tree):
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
     return sum((jnp.sum(~jnp.isfinite(x), dtype=jnp.float32) for x in leaves),
                jnp.zeros((), jnp.float32))
   return {f'{NON_FINITE}{field}': count(getattr(state, field)) for field in _STATE_PARTS}
-
-
-def checked_train_step(state: TrainState, batch: dict[str, jax.Array], teacher_variables: PyTree,
-                       *, ctx: StepContext) -> tuple[TrainState, dict[str, jax.Array]]:
-  """`train_step`, its metrics joined by `non_finite_counts` of the new state.
-
-  Counted inside the step, so that a value that overflows in the state alone (BatchNorm running
-  variances at a large learning rate, while every loss stays finite) is seen at the step it
-  happens, not at the next checkpoint.
-  """
-  new_state, metrics = train_step(state, batch, teacher_variables, ctx=ctx)
-  return new_state, dict(metrics, **non_finite_counts(new_state))
 
 
 def _weighted_terms(metrics: dict[str, float], loss: ml_collections.ConfigDict
@@ -681,7 +674,7 @@ def describe_non_finite(step: int, metrics: dict[str, float], config: ml_collect
                         first_metrics: dict[str, float] | None = None) -> str | None:
   """One line naming what became non-finite at `step`, the term that caused it, and the fix.
 
-  `metrics`: one step's host values (`checked_train_step`'s); `first_metrics`: those of the
+  `metrics`: one step's host values (with `non_finite_counts`); `first_metrics`: those of the
   run's first step (before a blow-up has distorted every term). None when all is finite.
   The cause, in order: a loss term that is itself non-finite or overflows float32 once
   weighted; else a finite weighted term that dwarfs the cross-entropy (by
@@ -847,6 +840,7 @@ def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, 
                                              samples['label'].shape[1:3], mesh)
 
   step_fn = jit_train_step(ctx, mesh, state_sharding, teacher_sharding)
+  count_non_finite = jax.jit(non_finite_counts, out_shardings=sharding_lib.replicated(mesh))
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                                     every_steps=config.log.every_steps)
   window: list[tuple[int, dict[str, jax.Array]]] = []
@@ -914,7 +908,7 @@ def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, 
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = sharding_lib.global_batch(next(batches), mesh)
         state, metrics = step_fn(state, batch, teacher_variables)
-      window.append((step, metrics))
+      window.append((step, dict(metrics, **count_non_finite(state))))
       report_progress(step)
       last = step == num_steps
       if step % config.log.every_steps == 0 or last:
