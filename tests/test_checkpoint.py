@@ -58,6 +58,31 @@ def save_steps(directory, state, steps, keep=None):
   ckpt_lib.finish_saves(manager, keep=keep)
 
 
+def test_round_trip_and_nothing_non_finite_is_ever_written(tiny_state, tmp_path):
+  """(From tests/test_train.py.) A state comes back as it went, as a `TrainState`."""
+  manager = ckpt_lib.open_manager(tmp_path / 'checkpoints')
+  ckpt_lib.save_train_state(manager, 5, tiny_state, dict(MODEL, step=5))
+  manager.wait_until_finished()
+  restored, meta = ckpt_lib.restore_train_state(manager, 5, jax.eval_shape(lambda: tiny_state))
+  assert meta['step'] == 5 and type(restored) is train.TrainState
+  assert jax.tree.structure(restored) == jax.tree.structure(tiny_state)
+  for x, y in zip(jax.tree.leaves(tiny_state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The student variables come back through the generic loader too, from the workdir.
+  variables, _ = ckpt_lib.load_variables(tmp_path)
+  np.testing.assert_array_equal(
+      variables['params']['head']['classifier']['kernel'],
+      np.asarray(tiny_state.student_params['head']['classifier']['kernel']))
+  bad = tiny_state.replace(student_params=jax.tree.map(lambda x: x.at[...].set(jnp.nan),
+                                                       tiny_state.student_params))
+  with pytest.raises(FloatingPointError, match='non-finite values in .*student_params'):
+    ckpt_lib.save_train_state(manager, 6, bad, {'step': 6})
+  with pytest.raises(FloatingPointError, match='non-finite'):
+    ckpt_lib.save_variables(tmp_path / 'export', {'params': bad.student_params}, metadata={})
+  ckpt_lib.finish_saves(manager)
+  assert ckpt_lib.open_manager(tmp_path / 'checkpoints').all_steps() == [5]
+
+
 def test_a_step_is_never_written_twice_and_rotation_waits_for_the_commit(tiny_state, tmp_path,
                                                                          caplog):
   save_steps(tmp_path / 'checkpoints', tiny_state, [2, 4, 6], keep=2)
@@ -190,7 +215,8 @@ def test_non_finite_values_are_described_by_their_cause(changes, loss, first, ex
 @pytest.mark.parametrize('error, line', [
     (OSError(errno.ENOSPC, 'No space left on device', '/disk/run/checkpoints/4'),
      'error: no space left on the device being written (/disk/run/checkpoints/4): free space '
-     'there or give a --workdir / --out on a larger disk.'),
+     'there or give a --workdir / --out on a larger disk (the checkpoints that had completed are '
+     'intact: a training run resumes from the last).'),
     # As tensorstore reports it, inside orbax's error.
     (ValueError('RESOURCE_EXHAUSTED: Error writing local file "/disk/run/x": No space left on '
                 "device [os_error_code='28']"),

@@ -259,23 +259,24 @@ def test_a_weighted_term_that_blows_up_is_named_and_the_checkpoint_being_written
 
 
 def test_batchnorm_statistics_that_overflow_are_caught_at_the_step(data_dirs, environ, tmp_path):  # pylint: disable=redefined-outer-name
-  """optim.lr = 3000, student alone: the running variances overflow while every loss is finite."""
+  """optim.lr = 3000, student alone: the state overflows (BatchNorm statistics among it) while
+  every loss is finite. No checkpoint before the end: the run must stop at that step, with the
+  diagnosis, not at the final save on the checkpoint's own finiteness guard."""
   workdir = tmp_path / 'run'
   code, text = run(main_command(workdir, data_dirs, '', '--config.loss.lambda_pi=0',
                                 '--config.loss.lambda_pa=0', '--config.loss.lambda_ho=0',
-                                '--config.optim.lr=3000', '--config.checkpoint.every_steps=1'),
+                                '--config.optim.lr=3000', f'--config.checkpoint.every_steps=100',
+                                '--config.eval.every_steps=100'),
                    environ, tmp_path / 'run.log')
   assert code == 1
   line = last_error(text)
   match = re.fullmatch(
-      r"error: non-finite values in the student's BatchNorm statistics at step (\d+), while "
-      r'every loss term was finite \(largest weighted term: loss.aux_weight \* loss/aux_ce = '
-      r'\S+\): the updates are too large: lower optim.lr \(3000\)\. Stopped before writing it '
-      r'to a checkpoint; the last checkpoint, step (\d+), is intact\.', line)
-  assert match, line
-  # Caught at the step it happened: the checkpoint of every step before it was written.
-  assert int(match[2]) == int(match[1]) - 1 == steps(workdir / 'checkpoints')[-1]
-  assert_finite_checkpoint(workdir / 'checkpoints' / match[2])
+      r"error: non-finite values in (.*, )?the student's BatchNorm statistics(, .*)? at step "
+      r'(\d+), while every loss term was finite \(largest weighted term: loss.aux_weight \* '
+      r'loss/aux_ce = \S+\): the updates are too large: lower optim.lr \(3000\)\. Stopped before '
+      r'writing it to a checkpoint; no checkpoint had been written\.', line)
+  assert match and int(match[3]) < NUM_STEPS, line
+  assert not steps(workdir / 'checkpoints')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +349,8 @@ def test_wrong_architecture_or_classes_on_resume_are_one_line_before_restoring(
       "{'width_multiplier': 0.0625} with 19 classes, but the config asks for deeplabv3_resnet18 "
       "{'width_multiplier': 0.0625} with 19 classes: resume with the config this workdir was "
       'trained with, or give a new --workdir.')
-  assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob('*')) == before
+  # Nothing lost or moved (the log writer may have opened a new, empty events file).
+  assert set(before) <= {str(p.relative_to(workdir)) for p in workdir.rglob('*')}
 
 
 def test_teacher_errors_are_one_line(data_dirs, teacher_export, tmp_path, capsys):  # pylint: disable=redefined-outer-name
