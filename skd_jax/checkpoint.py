@@ -382,7 +382,8 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
 
 
 __all__ = [
-    'Preempted', 'PreemptionNotice', 'check_finite', 'check_fits', 'finish_saves', 'load_variables', 'non_finite_paths', 'one_line',
-    'open_manager', 'resolve_checkpoint', 'restore_latest', 'restore_train_state',
-    'save_train_state', 'save_variables', 'saved_tree', 'set_aside',
+    'Preempted', 'PreemptionNotice', 'check_finite', 'check_fits', 'finish_saves',
+    'load_variables', 'non_finite_paths', 'one_line', 'open_manager', 'resolve_checkpoint',
+    'restore_latest', 'restore_train_state', 'save_train_state', 'save_variables', 'saved_tree',
+    'set_aside',
 ]

@@ -19,6 +19,7 @@ import re
 import sys
 import threading
 import traceback
+import warnings
 from typing import Any, Callable, Sequence
 
 from absl import flags, logging
@@ -228,9 +229,10 @@ def end_on_error(error: BaseException) -> None:
   if _show_traceback():
     traceback.print_exception(error)
   else:
-    # asyncio's "Future exception was never retrieved" for the futures of a failed orbax save,
-    # logged at exit, after the line.
+    # What the futures and coroutines of a failed orbax save say at exit, after the line:
+    # asyncio's "Future exception was never retrieved", "coroutine ... was never awaited".
     logging_std.getLogger('asyncio').setLevel(logging_std.CRITICAL)
+    warnings.simplefilter('ignore')
   print(line, file=sys.stderr, flush=True)
   code = getattr(error, 'exit_code', 130 if isinstance(error, KeyboardInterrupt) else 1)
   if distributed:

@@ -222,10 +222,12 @@ def test_non_finite_values_are_described_by_their_cause(changes, loss, first, ex
                 "device [os_error_code='28']"),
      'error: no space left on the device being written (/disk/run/x): free space'),
     (OSError(errno.EROFS, 'Read-only file system', '/ro/run'),
-     'error: cannot write to a read-only file system (/ro/run): give a writable --workdir / --out.'),
+     'error: cannot write to a read-only file system (/ro/run): give a writable --workdir / '
+     '--out.'),
     (PermissionError(errno.EACCES, 'Permission denied', '/root/run'),
      'error: permission denied (/root/run): give a --workdir / --out this user can write to'),
-    (ckpt_lib.Preempted('SIGTERM received at step 5: saved'), 'stopped: SIGTERM received at step 5'),
+    (ckpt_lib.Preempted('SIGTERM received at step 5: saved'),
+     'stopped: SIGTERM received at step 5'),
     (FloatingPointError('non-finite values in x'), 'error: non-finite values in x'),
 ])
 def test_error_lines_of_what_a_disk_or_a_run_can_raise(error, line):

@@ -164,7 +164,8 @@ def check_labels(census: dict[str, Any], dataset: str, num_classes: int,
     total = sum(counts.values())
     unknown = {v: n for v, n in counts.items() if not known[v]}
     trainable = sum(n for v, n in counts.items() if spec.label_lut[v] != datasets.IGNORE_LABEL)
-    present |= {int(spec.label_lut[v]) for v in counts if spec.label_lut[v] != datasets.IGNORE_LABEL}
+    present |= {int(spec.label_lut[v]) for v in counts
+                if spec.label_lut[v] != datasets.IGNORE_LABEL}
     if unknown:
       share = sum(unknown.values()) / total
       where = f'the label maps of split {split} of {dataset} hold values outside its table'

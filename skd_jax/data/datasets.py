@@ -306,7 +306,8 @@ def _cityscapes_sources(manual_dir: str, split: str, image_id: str) -> tuple[str
   stem = f'{folder}/{image_id.split("_")[0]}/{image_id}'
   return (f'{os.path.join(manual_dir, "leftImg8bit_trainvaltest.zip")}:'
           f'leftImg8bit/{stem}_leftImg8bit.png',
-          f'{os.path.join(manual_dir, "gtFine_trainvaltest.zip")}:gtFine/{stem}_gtFine_labelIds.png')
+          f'{os.path.join(manual_dir, "gtFine_trainvaltest.zip")}:'
+          f'gtFine/{stem}_gtFine_labelIds.png')
 
 
 @functools.cache

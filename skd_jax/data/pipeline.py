@@ -819,7 +819,8 @@ def dataset_info(name: str = 'cityscapes') -> cityscapes.DatasetInfo:
 __all__ = [
     'CAFFE_BGR_MEAN', 'CITYSCAPES_BUILDER', 'IMAGENET_RGB_MEAN', 'IMAGENET_RGB_STD',
     'NORMALIZATIONS', 'NumpyIterator', 'augmentation_params', 'check_manual_dir', 'dataset_info',
-    'decode_image', 'decode_label', 'encoded_examples', 'epoch_order', 'eval_pad_size', 'image_sizes',
+    'decode_image', 'decode_label', 'encoded_examples', 'epoch_order', 'eval_pad_size',
+    'image_sizes',
     'make_eval_iterator', 'make_train_iterator', 'normalize', 'num_eval_batches', 'num_examples',
     'prepare_cityscapes', 'prepare_dataset', 'split_name', 'steps_per_epoch',
 ]
