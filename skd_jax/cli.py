@@ -126,9 +126,14 @@ class _DropClosedLoopTracebacks(io.TextIOBase):
     return self._stream.isatty()
 
 
+_quiet_process = False   # set by `quiet_library_errors`: this process is one of the programs
+
+
 def quiet_library_errors() -> None:
   """For a program's process: `_QuietLibraries`, and unless SKD_JAX_TRACEBACK is set
   `_NoLibraryTracebacks` and `_DropClosedLoopTracebacks`."""
+  global _quiet_process
+  _quiet_process = True
   # On the loggers the libraries write to (absl's, which orbax and tfds use, and asyncio's),
   # whichever handler prints them (absl's in the absl programs, Python's last resort in convert).
   for logger in (logging_std.getLogger('absl'), logging_std.getLogger('asyncio')):
@@ -228,7 +233,7 @@ def end_on_error(error: BaseException) -> None:
     _exit_now(1)
   if _show_traceback():
     traceback.print_exception(error)
-  else:
+  elif _quiet_process:
     # What the futures and coroutines of a failed orbax save say at exit, after the line:
     # asyncio's "Future exception was never retrieved", "coroutine ... was never awaited".
     logging_std.getLogger('asyncio').setLevel(logging_std.CRITICAL)
