@@ -187,7 +187,8 @@ def test_kills_at_every_kind_of_moment_resume_to_the_same_final_state(
   assert (workdir / 'checkpoints' / str(stopped_at)).is_dir() and window < stopped_at
   assert 'Traceback' not in text and not re.search(r'^error:', text, re.M)
 
-  rng = np.random.default_rng(11)
+  # Seeded (SKD_TEST_KILL_SEED repeats the trial at other random moments).
+  rng = np.random.default_rng(int(os.environ.get('SKD_TEST_KILL_SEED', '11')))
   # After the resume point and before the last two steps (whose saves the next kill needs).
   assert stopped_at + 1 < NUM_STEPS - 1, stopped_at
   kill_step = int(rng.integers(stopped_at + 1, NUM_STEPS - 1))
