@@ -67,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.disc.power = 0.9
   c.disc.b1 = 0.9
   c.disc.b2 = 0.99
+  # Spectral norm's gradient through sigma = u W v: 'own' = each D call's u, v (the intended
+  # gradient; default); 'last' = the step's last call's for every call, as the reference's
+  # in-place SpectralNorm gives it (README, faithfulness notes).
+  c.disc.sn_backward = 'own'
 
   c.loss = ml_collections.ConfigDict()
   c.loss.aux_weight = 0.4

@@ -13,6 +13,7 @@ import jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from skd_jax import checkpoint as ckpt_lib
@@ -202,6 +203,29 @@ def test_poly_schedule_is_the_reference_lr_poly_up_to_and_past_the_end():
                                lr * (1 - step / num_steps) ** power, rtol=1e-6)
   # Where optax.polynomial_schedule gives NaN under jit: exactly 0 at the end and after it.
   assert [float(schedule(jnp.asarray(s))) for s in (num_steps, num_steps + 5)] == [0.0, 0.0]
+
+
+def test_poly_sgd_applies_lr_poly_of_the_iteration_counted_from_1():
+  """Four updates against PyTorch's SGD written out, at the reference's rate ``lr_poly(lr, i)``
+  for iteration i = 1, 2, ...: the first update is already decayed and the last has rate 0."""
+  lr, momentum, weight_decay, num_steps, power = 0.01, 0.9, 5e-4, 4, 0.9
+  tx, schedule = train.poly_sgd(lr, momentum, weight_decay, num_steps, power)
+  params = {'w': jnp.array([1.0, -2.0, 0.5])}
+  grads = {'w': jnp.array([0.5, 0.25, -3.0])}
+  opt_state = tx.init(params)
+  update = jax.jit(tx.update)
+  want, g = np.array([1.0, -2.0, 0.5]), np.array([0.5, 0.25, -3.0])
+  buf = np.zeros(3)
+  for i in range(1, num_steps + 1):
+    rate = lr * (1 - i / num_steps) ** power
+    buf = momentum * buf + (g + weight_decay * want)   # torch.optim.SGD, buf = d_p at i = 1
+    want = want - rate * buf
+    updates, opt_state = update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(params['w'], want, rtol=1e-6)
+    # The logged rate (the schedule of the optimiser's count, i.e. state.step) is the one applied.
+    assert float(schedule(jnp.asarray(i - 1))) == pytest.approx(rate, rel=1e-6, abs=0.0)
+  assert rate == 0.0
 
 
 def test_baseline_step_compiles_no_teacher_or_discriminator_work():
