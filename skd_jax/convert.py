@@ -416,7 +416,9 @@ def convert_discriminator_state_dict(state_dict: Mapping[str, np.ndarray],
         missing += [f'{k} (for {"/".join(path)})' for k in absent]
         continue
       used.update(needed)
-      u, v, w = (value(k) for k in needed)
+      # In float64: for the random initial u, v of a fresh checkpoint, u . (W v) is a sum of
+      # cancelling terms.
+      u, v, w = (np.asarray(state_dict[k], np.float64) for k in needed)
       if v.shape != (int(np.prod(w.shape[1:])),) or u.shape != (w.shape[0],):
         misshapen.append(f'{key}: checkpoint {v.shape}, its weight_bar needs '
                          f'{(int(np.prod(w.shape[1:])),)}')
