@@ -362,7 +362,8 @@ def _disc_key(path: tuple[str, ...]) -> str | None:
     if module[1:] == ('conv',) and collection == 'params':
       return {'kernel': f'{base}.weight_bar', 'bias': f'{base}.bias'}.get(leaf)
     if module[1:] == ('sn',) and collection == 'batch_stats':
-      return {'conv/kernel/u': f'{base}.weight_u', 'conv/kernel/sigma': f'{base}.weight_v'}.get(leaf)
+      return {'conv/kernel/u': f'{base}.weight_u',
+              'conv/kernel/sigma': f'{base}.weight_v'}.get(leaf)
     return None
   if module == ('last',):
     return {'kernel': 'last.0.weight', 'bias': 'last.0.bias'}.get(leaf)

@@ -122,7 +122,7 @@ class SpectralNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-  """SAGAN's ``Self_Attn``: q, k 1x1 convs C -> C/8, v C -> C, softmax over keys, gamma * out + x."""
+  """SAGAN's ``Self_Attn``: q, k 1x1 convs C -> C/8, v C -> C, softmax over keys, gamma out + x."""
 
   def __init__(self, channels: int):
     super().__init__()

@@ -136,7 +136,7 @@ def _sigma(matrix: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
 
 
 class _ConvWeights(nn.Module):
-  """A conv's kernel [k, k, in, out] and bias [out] with PyTorch's default init (nn.Conv's names)."""
+  """A conv's kernel [k, k, in, out] and bias [out], PyTorch's default init (nn.Conv's names)."""
 
   features: int
   kernel_size: int

@@ -90,7 +90,8 @@ class Segmenter(nn.Module):
       aux_logits = AuxHead(
           num_classes=self.num_classes, channels=scaled(self.aux_channels, w), use_bias=psp,
           activation='leaky_relu' if psp else 'relu', channel_dropout=psp,
-          dropout=self.aux_dropout, bn_momentum=self.bn_momentum, dtype=self.dtype, name='aux_head')(features['layer3'], train)
+          dropout=self.aux_dropout, bn_momentum=self.bn_momentum, dtype=self.dtype,
+          name='aux_head')(features['layer3'], train)
     features = dict(features, head=head_feature)
     return logits, aux_logits, features
 
