@@ -48,6 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.student = ml_collections.ConfigDict()
   c.student.arch = 'pspnet_resnet18'
   c.student.overrides = ml_collections.ConfigDict()   # any Segmenter field, e.g. width_multiplier
+  # The dropout rates of the reference's heads, here so that the command line can set them
+  # (--config.student.overrides.head_dropout=0 for a deterministic student, as in a parity check).
+  c.student.overrides.head_dropout = 0.1
+  c.student.overrides.aux_dropout = 0.1
   c.student.pretrained = ''       # a CSAIL/torchvision ImageNet .pth for the backbone
 
   c.teacher = ml_collections.ConfigDict()
@@ -66,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.disc.power = 0.9
   c.disc.b1 = 0.9
   c.disc.b2 = 0.99
+  # Spectral norm's gradient through sigma = u W v: 'own' = each D call's u, v (the intended
+  # gradient; default); 'last' = the step's last call's for every call, as the reference's
+  # in-place SpectralNorm gives it (README, faithfulness notes).
+  c.disc.sn_backward = 'own'
 
   c.loss = ml_collections.ConfigDict()
   c.loss.aux_weight = 0.4
@@ -133,6 +141,7 @@ def cirkd_protocol(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   The dataset, class count and crop stay the caller's.
   """
   c.student.arch = 'deeplabv3_resnet18'
+  c.student.overrides.aspp_dropout = 0.5   # the ASPP projection's (settable, as the other two)
   c.teacher.arch = 'deeplabv3_resnet101'
   c.data.scales = tuple(round(0.5 + 0.1 * i, 1) for i in range(16))  # 0.5, 0.6, ..., 2.0
   c.optim.batch_size = 16

@@ -1,11 +1,17 @@
 """Distillation training: the train state, one jitted train step, and the loop around it.
 
-One step, in the reference order (skd-reference.md section 4):
+One step, in the reference order (skd-reference.md section 4), checked as a whole step against a
+PyTorch statement of the reference (tests/test_step_parity.py):
   1. teacher forward, eval mode, no gradient -> teacher logits and pair-wise feature;
   2. student forward, train mode -> CE + aux CE + lambda_pi * pixel-wise + lambda_pa * pair-wise
-     + lambda_ho * adversarial (the discriminator held fixed), and the student's update;
+     + lambda_ho * adversarial (D(student logits): the discriminator's parameters held fixed, its
+     spectral-norm and BatchNorm state advanced), and the student's update;
   3. one discriminator update on the pre-update student logits (gradient stopped) against the
-     teacher's: WGAN-GP or hinge.
+     teacher's: WGAN-GP or hinge, from D(teacher logits), then D(student logits), then (WGAN-GP)
+     D(interpolation) for the gradient penalty, each call advancing the state of the one before.
+Both optimisers count iterations from 1, as the reference's ``lr_poly`` (`poly_sgd`). Where the
+step knowingly departs from the reference (spectral norm's backward, `disc.sn_backward`), the
+README's faithfulness notes say so, with the measured size.
 A weight of 0 removes its term from the compiled step: no teacher forward when every distillation
 weight is 0, no discriminator when lambda_ho is 0. The student-alone baseline and teacher training
 are this same program with those weights at 0.
@@ -102,9 +108,10 @@ class StepContext:
   disc: nn.Module | None
   student_tx: optax.GradientTransformation
   disc_tx: optax.GradientTransformation | None
-  student_lr: optax.Schedule
+  student_lr: optax.Schedule    # of the optimiser's count (= state.step): the rate it applies
   disc_lr: optax.Schedule | None
   loss: LossConfig
+  disc_sn_backward: str = 'own'  # 'own' | 'last' (the reference's): see `config_base`
 
 
 def poly_schedule(lr: float, num_steps: int, power: float) -> optax.Schedule:
@@ -123,10 +130,16 @@ def poly_sgd(lr: float, momentum: float, weight_decay: float, num_steps: int, po
              ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """PyTorch SGD (weight decay added to the gradient before momentum) with poly decay.
 
-  The learning rate follows `poly_schedule`; decay applies to every parameter, BN included, as in
-  the reference.
+  The reference counts iterations from 1 and sets ``lr_poly(lr, i, num_steps, power)`` before
+  its i-th update, so update ``count`` (optax's, from 0) has rate ``poly_schedule(count + 1)``:
+  the first is already below `lr`, the last (``count = num_steps - 1``) is 0. Decay applies to
+  every parameter, BN included, as in the reference.
+
+  Returns:
+    (transform, the rate as a function of the optimiser's count, i.e. of ``TrainState.step``).
   """
-  schedule = poly_schedule(lr, num_steps, power)
+  reference_rate = poly_schedule(lr, num_steps, power)
+  schedule = lambda count: reference_rate(jnp.asarray(count) + 1)
   tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum))
   return tx, schedule
 
@@ -146,11 +159,18 @@ def disc_optimizer(disc_config: ml_collections.ConfigDict, num_steps: int
   raise ValueError(f"disc.optimizer must be 'sgd' or 'adam', got {disc_config.optimizer!r}")
 
 
-def _critic(ctx: StepContext, disc_params, disc_batch_stats, logits, images):
-  """Discriminator scores [N] (train mode) and its updated spectral-norm / BN state."""
+def _critic(ctx: StepContext, disc_params, disc_batch_stats, logits, images, sn_backward=None):
+  """Discriminator scores [N] (train mode) and its updated spectral-norm / BN state.
+
+  `sn_backward`: the spectral norms' backward vectors (`disc_lib.spectral_vectors_after`), or
+  None for each call's own.
+  """
+  variables = {'params': disc_params, 'batch_stats': disc_batch_stats}
+  if sn_backward is not None:
+    variables[disc_lib.SN_BACKWARD] = sn_backward
   scores, updates = ctx.disc.apply(
-      {'params': disc_params, 'batch_stats': disc_batch_stats}, logits,
-      images if ctx.disc.image_conditioned else None, train=True, mutable=['batch_stats'])
+      variables, logits, images if ctx.disc.image_conditioned else None, train=True,
+      mutable=['batch_stats'])
   return scores, updates['batch_stats']
 
 
@@ -223,13 +243,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_variables
     fake = jax.lax.stop_gradient(student_logits.astype(jnp.float32))  # pre-update student
 
     def disc_loss(params):
-      fake_scores, stats = _critic(ctx, params, disc_batch_stats, fake, images)
-      real_scores, stats = _critic(ctx, params, stats, teacher_logits, images)
+      # The reference's order: teacher, student, then (WGAN-GP) the interpolation; each call
+      # starts from the spectral-norm and BN state the previous one left.
+      sn_backward = None
+      if ctx.disc_sn_backward == 'last':
+        num_calls = 3 if cfg.gan_loss == 'wgan_gp' else 2
+        sn_backward = disc_lib.spectral_vectors_after(params, disc_batch_stats, num_calls)
+      critic = functools.partial(_critic, ctx, params, images=images, sn_backward=sn_backward)
+      real_scores, stats = critic(disc_batch_stats, teacher_logits)
+      fake_scores, stats = critic(stats, fake)
       d_terms = {'real_score': jnp.mean(real_scores), 'fake_score': jnp.mean(fake_scores)}
       if cfg.gan_loss == 'wgan_gp':
         d_terms['wasserstein'] = losses.critic_loss(real_scores, fake_scores)
-        d_terms['gradient_penalty'] = losses.gradient_penalty(
-            lambda x: _critic(ctx, params, stats, x, images)[0], teacher_logits, fake, gp_rng)
+        before_penalty = stats
+        d_terms['gradient_penalty'], stats = losses.gradient_penalty(
+            lambda x: critic(before_penalty, x), teacher_logits, fake, gp_rng, has_aux=True)
         loss = cfg.lambda_d * (d_terms['wasserstein'] + cfg.lambda_gp * d_terms['gradient_penalty'])
       else:
         d_terms['hinge_real'] = jnp.mean(jax.nn.relu(1.0 - real_scores))
@@ -443,9 +471,11 @@ def make_step_context(config: ml_collections.ConfigDict, teacher: nn.Module | No
   if cfg.uses_disc:
     disc = discriminator(config)
     disc_tx, disc_lr = disc_optimizer(config.disc, num_steps)
+  if config.disc.sn_backward not in ('own', 'last'):
+    raise ValueError(f"disc.sn_backward must be 'own' or 'last', got {config.disc.sn_backward!r}")
   return StepContext(student=student_model(config), teacher=teacher if cfg.uses_teacher else None,
                      disc=disc, student_tx=student_tx, disc_tx=disc_tx, student_lr=student_lr,
-                     disc_lr=disc_lr, loss=cfg)
+                     disc_lr=disc_lr, loss=cfg, disc_sn_backward=config.disc.sn_backward)
 
 
 def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,
