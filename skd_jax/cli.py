@@ -234,9 +234,11 @@ def end_on_error(error: BaseException) -> None:
   if _show_traceback():
     traceback.print_exception(error)
   elif _quiet_process:
-    # What the futures and coroutines of a failed orbax save say at exit, after the line:
-    # asyncio's "Future exception was never retrieved", "coroutine ... was never awaited".
-    logging_std.getLogger('asyncio').setLevel(logging_std.CRITICAL)
+    # What the threads, futures and coroutines of a failed orbax save still say on the way out,
+    # after the line: the other writes' errors, asyncio's "Future exception was never
+    # retrieved", "coroutine ... was never awaited". The program is ending: nothing else to log.
+    for name in ('absl', 'asyncio'):
+      logging_std.getLogger(name).disabled = True
     warnings.simplefilter('ignore')
   print(line, file=sys.stderr, flush=True)
   code = getattr(error, 'exit_code', 130 if isinstance(error, KeyboardInterrupt) else 1)

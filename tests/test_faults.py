@@ -346,11 +346,12 @@ def test_wrong_architecture_or_classes_on_resume_are_one_line_before_restoring(
   before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob('*'))
   config = student_alone(data_dirs, student__arch='deeplabv3_resnet18')
   line = one_line_of(lambda: train.train_and_evaluate(config, workdir), capsys)
+  overrides = json.loads(json.dumps(dict(config.student.overrides)))   # as the meta records them
   assert line == (
       f'error: {workdir / "checkpoints" / str(NUM_STEPS)} was written for pspnet_resnet18 '
-      "{'width_multiplier': 0.0625} with 19 classes, but the config asks for deeplabv3_resnet18 "
-      "{'width_multiplier': 0.0625} with 19 classes: resume with the config this workdir was "
-      'trained with, or give a new --workdir.')
+      f'{overrides} with 19 classes, but the config asks for deeplabv3_resnet18 {overrides} '
+      'with 19 classes: resume with the config this workdir was trained with, or give a new '
+      '--workdir.')
   # Nothing lost or moved (the log writer may have opened a new, empty events file).
   assert set(before) <= {str(p.relative_to(workdir)) for p in workdir.rglob('*')}
 
