@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.scales = tuple(round(0.7 + 0.1 * i, 1) for i in range(15))  # 0.7, 0.8, ..., 2.1
   c.data.flip = True
   c.data.normalization = 'caffe_bgr'   # BGR minus the Caffe mean, no std (both reference codes)
+  # Label values outside the dataset's table (ignored in training and evaluation): the share of
+  # a split's label pixels above which the run stops at start-up (below: a warning).
+  c.data.unknown_label_tolerance = 1e-3
   # A procedurally generated stand-in in the Cityscapes on-disk format (the demo and tests).
   c.data.synthetic = False
   c.data.synthetic_num_train = 200
@@ -49,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.student = ml_collections.ConfigDict()
   c.student.arch = 'pspnet_resnet18'
   c.student.overrides = ml_collections.ConfigDict()   # any Segmenter field, e.g. width_multiplier
+  # The dropout rates of the reference's heads, here so that the command line can set them
+  # (--config.student.overrides.head_dropout=0 for a deterministic student, as in a parity check).
+  c.student.overrides.head_dropout = 0.1
+  c.student.overrides.aux_dropout = 0.1
   c.student.pretrained = ''       # a CSAIL/torchvision ImageNet .pth for the backbone
 
   c.teacher = ml_collections.ConfigDict()
@@ -67,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.disc.power = 0.9
   c.disc.b1 = 0.9
   c.disc.b2 = 0.99
+  # Spectral norm's gradient through sigma = u W v: 'own' = each D call's u, v (the intended
+  # gradient; default); 'last' = the step's last call's for every call, as the reference's
+  # in-place SpectralNorm gives it (README, faithfulness notes).
+  c.disc.sn_backward = 'own'
 
   c.loss = ml_collections.ConfigDict()
   c.loss.aux_weight = 0.4
@@ -114,9 +125,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 50
   c.log.num_images = 4
-
-  # Testing aid: exit abruptly right after the checkpoint of this step is written (0 = never).
-  c.debug_exit_after_save_at = 0
   return c
 
 
@@ -137,6 +145,7 @@ def cirkd_protocol(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   The dataset, class count and crop stay the caller's.
   """
   c.student.arch = 'deeplabv3_resnet18'
+  c.student.overrides.aspp_dropout = 0.5   # the ASPP projection's (settable, as the other two)
   c.teacher.arch = 'deeplabv3_resnet101'
   c.data.scales = tuple(round(0.5 + 0.1 * i, 1) for i in range(16))  # 0.5, 0.6, ..., 2.0
   c.optim.batch_size = 16

@@ -27,6 +27,10 @@ Layouts (``layout=None`` detects them from the key names, see `detect_layout`):
   - ``torchvision``: torchvision's ImageNet ResNets (one 7x7 stem conv), backbone only, into a model
     built with ``stem='standard'`` (returned as an override). Plain BN.
 
+The reference's discriminator (``l{1..4}.0.module.{weight_bar,weight_u,weight_v,bias}``,
+``attn{1,2}.*``, ``last.0.*``, ``preprocess_additional.*``) converts into `Discriminator` variables
+with `load_torch_discriminator` / `convert_discriminator_state_dict`, as strictly.
+
 Conventions: conv weights OIHW -> HWIO; BN ``weight``/``bias``/``running_mean``/``running_var`` ->
 ``scale``/``bias``/``mean``/``var`` (both frameworks store the unbiased running variance);
 ``num_batches_tracked`` is dropped. Conversion is strict: every parameter of the model must be
@@ -49,10 +53,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from skd_jax.models import discriminator as disc_lib
 from skd_jax.models.layers import scaled
 from skd_jax.models.resnet import STAGE_SIZES
-from skd_jax.models.segmenter import create_segmenter
-from skd_jax.torch_io import CheckpointError, load_torch_state_dict
+from skd_jax.models.segmenter import MODEL_PRESETS, create_segmenter
+from skd_jax.torch_io import load_torch_state_dict
 
 PathLike = str | os.PathLike
 Variables = dict[str, Any]
@@ -84,6 +89,11 @@ def detect_layout(keys: Sequence[str], path: str = '<checkpoint>') -> str:
     4. ``conv1.weight`` and ``layer1.0.conv1.weight`` (a single stem conv) -> ``torchvision``.
   """
   keys = list(keys)
+  if any(k.startswith(tuple(f'{layer}.0.module.' for layer in disc_lib.SPECTRAL_LAYERS))
+         for k in keys):
+    raise ConversionError(
+        f'{path} holds the reference\'s discriminator ({", ".join(keys[:3])}, ...), not a '
+        'segmentation network: convert it with skd_jax.convert.load_torch_discriminator')
   if any(k.startswith(('pretrained.', 'head.aspp.', 'auxlayer.')) for k in keys):
     return 'cirkd'
   if any(k.startswith(('pspmodule.', 'dsn.', 'head.0.', 'head.1.')) for k in keys):
@@ -249,7 +259,7 @@ def _hints(state_dict, abstract_flat, layout, misshapen_keys) -> list[str]:
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_variables: Mapping[str, Any],
                        layout: str, *, backbone_only: bool = False, strict: bool = True,
-                       source: str = '<checkpoint>') -> Variables:
+                       source: str = '<checkpoint>', abn_scales: bool = True) -> Variables:
   """Fills a variable tree of our model from a PyTorch state_dict of `layout`.
 
   Args:
@@ -261,6 +271,10 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_variables:
     strict: False tolerates unused checkpoint tensors (missing or misshapen ones are always errors:
       there would be nothing to put in their place).
     source: the checkpoint's name, for messages.
+    abn_scales: apply In-Place ABN's ``|weight| + 1e-5`` to the ``skd_reference`` layout's BN
+      weights (default). False copies them as they are: for tensors keyed like the weights that
+      are not weights, e.g. a reference optimiser's SGD momentum buffers (equal to those of the
+      BN scale while the weights are positive).
 
   Returns:
     ``{'params': ..., 'batch_stats': ...}`` of float32 NumPy arrays (only ``'backbone'`` under each
@@ -271,7 +285,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_variables:
   if layout in BACKBONE_LAYOUTS:
     backbone_only = True
   namer = _NAMERS[layout]
-  abn = layout == 'skd_reference'
+  abn = layout == 'skd_reference' and abn_scales
   flat = {}
   for collection in ('params', 'batch_stats'):
     tree = abstract_variables.get(collection, {})
@@ -330,6 +344,149 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_variables:
       msg += f'\n  hint: {hint}'
     raise ConversionError(msg)
   return flax.traverse_util.unflatten_dict(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference's discriminator.
+
+
+def _disc_key(path: tuple[str, ...]) -> str | None:
+  """The reference discriminator's key for our variable `path` (collection, module..., leaf).
+
+  A spectral norm's ``sigma`` maps to ``weight_v``: the reference keeps no sigma, but u and v are
+  those of its last forward, whose sigma is ``u . (weight_bar v)``.
+  """
+  collection, module, leaf = path[0], path[1:-1], path[-1]
+  if module and module[0] in disc_lib.SPECTRAL_LAYERS:
+    base = f'{module[0]}.0.module'
+    if module[1:] == ('conv',) and collection == 'params':
+      return {'kernel': f'{base}.weight_bar', 'bias': f'{base}.bias'}.get(leaf)
+    if module[1:] == ('sn',) and collection == 'batch_stats':
+      return {'conv/kernel/u': f'{base}.weight_u',
+              'conv/kernel/sigma': f'{base}.weight_v'}.get(leaf)
+    return None
+  if module == ('last',):
+    return {'kernel': 'last.0.weight', 'bias': 'last.0.bias'}.get(leaf)
+  if len(module) == 1 and module[0].startswith('attn') and leaf == 'gamma':
+    return f'{module[0]}.gamma'
+  if module == ('preprocess_additional',) or (len(module) == 2 and module[0].startswith('attn')):
+    torch_leaf = _TORCH_LEAF.get((collection, leaf))
+    return None if torch_leaf is None else f'{".".join(module)}.{torch_leaf}'
+  return None
+
+
+def convert_discriminator_state_dict(state_dict: Mapping[str, np.ndarray],
+                                     abstract_variables: Mapping[str, Any], *,
+                                     source: str = '<checkpoint>') -> Variables:
+  """Fills a `Discriminator`'s variables from the reference's discriminator state_dict, strictly.
+
+  ``weight_bar`` (the raw kernel, OIHW) -> ``params/l*/conv/kernel`` (HWIO); ``weight_u`` [out] ->
+  ``batch_stats/l*/sn/conv/kernel/u`` [1, out]; ``u . (W v)`` -> its ``sigma`` (what our
+  spectral norm records of its last call; no forward reads it); the attention blocks, ``last``
+  and the input BatchNorm (plain BN, PyTorch's unbiased running variance, as ours) by name;
+  ``num_batches_tracked`` dropped. Every variable must be filled and every tensor used, with
+  matching shapes; otherwise one `ConversionError` lists what does not fit.
+
+  Args:
+    state_dict: ``{torch key: array}`` (unwrapped).
+    abstract_variables: ``{'params', 'batch_stats'}`` of the target discriminator (arrays or
+      `jax.ShapeDtypeStruct`s).
+    source: the checkpoint's name, for messages.
+
+  Returns:
+    ``{'params': ..., 'batch_stats': ...}`` of float32 NumPy arrays.
+  """
+  flat = {}
+  for collection in ('params', 'batch_stats'):
+    for path, leaf in flax.traverse_util.flatten_dict(
+        flax.core.unfreeze(abstract_variables.get(collection, {}))).items():
+      flat[(collection,) + path] = leaf
+  value = lambda key: np.asarray(state_dict[key], np.float32)
+  out, used, missing, misshapen, unmapped = {}, set(), [], [], []
+  for path, leaf in flat.items():
+    key = _disc_key(path)
+    if key is None:
+      unmapped.append('/'.join(path))
+      continue
+    shape = tuple(leaf.shape)
+    if path[-1] == 'conv/kernel/sigma':
+      base = key[:-len('.weight_v')]
+      needed = [f'{base}.weight_u', key, f'{base}.weight_bar']
+      absent = [k for k in needed if k not in state_dict]
+      if absent:
+        missing += [f'{k} (for {"/".join(path)})' for k in absent]
+        continue
+      used.update(needed)
+      # In float64: for the random initial u, v of a fresh checkpoint, u . (W v) is a sum of
+      # cancelling terms.
+      u, v, w = (np.asarray(state_dict[k], np.float64) for k in needed)
+      if v.shape != (int(np.prod(w.shape[1:])),) or u.shape != (w.shape[0],):
+        misshapen.append(f'{key}: checkpoint {v.shape}, its weight_bar needs '
+                         f'{(int(np.prod(w.shape[1:])),)}')
+        continue
+      out[path] = np.float32(u @ (w.reshape(w.shape[0], -1) @ v))
+      continue
+    torch_shape = shape[1:] if path[-1] == 'conv/kernel/u' else _torch_shape(path[-1], shape)
+    if key not in state_dict:
+      missing.append(f'{key} {torch_shape} (for {"/".join(path)})')
+      continue
+    used.add(key)
+    array = value(key)
+    if tuple(array.shape) != torch_shape:
+      misshapen.append(f'{key}: checkpoint {tuple(array.shape)}, model expects {torch_shape}')
+      continue
+    if path[-1] == 'kernel' and array.ndim == 4:
+      array = np.transpose(array, (2, 3, 1, 0))  # OIHW -> HWIO
+    out[path] = np.ascontiguousarray(array.reshape(shape))
+  unexpected = sorted(k for k in state_dict
+                      if k not in used and not k.endswith('.num_batches_tracked'))
+  if unmapped or missing or misshapen or unexpected:
+    msg = f'{source} does not fit the discriminator (the reference discriminator layout)'
+    for keys, what in ((missing, 'missing from the checkpoint'),
+                       (unexpected, 'unexpected in the checkpoint'), (misshapen, 'wrong shape'),
+                       (unmapped, 'variables the layout has no tensor for')):
+      if keys:
+        msg += _fmt(keys, what)
+    raise ConversionError(msg)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def discriminator_from_state_dict(state_dict: Mapping[str, np.ndarray],
+                                  source: str = '<checkpoint>') -> disc_lib.Discriminator:
+  """The `Discriminator` a reference discriminator state_dict was written for.
+
+  The widths l1..l4 come from the ``weight_bar`` shapes; without ``preprocess_additional.*`` the
+  checkpoint is the image-conditioned variant (the paper's, whose l1 sees C + 3 channels).
+  """
+  widths = []
+  for layer in disc_lib.SPECTRAL_LAYERS:
+    key = f'{layer}.0.module.weight_bar'
+    if key not in state_dict or np.ndim(state_dict[key]) != 4:
+      raise ConversionError(f'{source}: no 4-D {key}: not a reference discriminator checkpoint')
+    widths.append(int(np.shape(state_dict[key])[0]))
+  return disc_lib.Discriminator(
+      features=tuple(widths),
+      image_conditioned=not any(k.startswith('preprocess_additional.') for k in state_dict))
+
+
+def load_torch_discriminator(path: PathLike) -> tuple[Variables, disc_lib.Discriminator]:
+  """The reference's discriminator from a PyTorch checkpoint: (variables, module).
+
+  ``model.apply(variables, logits, train=True, mutable=['batch_stats'])`` then gives the
+  reference's scores and advances u as its forward does (tests/test_convert.py checks both
+  against PyTorch).
+  """
+  source = os.fspath(path)
+  state_dict = load_torch_state_dict(path)
+  model = discriminator_from_state_dict(state_dict, source)
+  channels = int(np.shape(state_dict['l1.0.module.weight_bar'])[1])
+  if model.image_conditioned:
+    channels -= 3
+    args = (jnp.zeros((1, 65, 65, channels)), jnp.zeros((1, 65, 65, 3)))
+  else:
+    args = (jnp.zeros((1, 65, 65, channels)),)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, train=False))
+  return convert_discriminator_state_dict(state_dict, abstract, source=source), model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,6 +572,59 @@ def _model_variables(state_dict, source, arch, num_classes, layout, strict, mode
   _check_arch(layout, model)
   variables = convert_state_dict(state_dict, abstract, layout, strict=strict, source=source)
   return variables, overrides, layout
+
+
+# The classifier (output) tensors of each whole-model layout's checkpoints.
+_CLASSIFIER_KEYS = ('head.weight', 'head.1.weight', 'head.block.4.weight')
+
+
+def fitting_archs(state_dict, layout: str, num_classes: int,
+                  model_overrides: Mapping[str, Any]) -> list[tuple[str, int]]:
+  """(arch, num_classes) of the known segmenters that `state_dict` converts into, strictly.
+
+  Tries every `MODEL_PRESETS` name with `num_classes` and with the checkpoint's own classifier
+  width: what an error for a wrong ``--arch`` or ``--num_classes`` suggests.
+  """
+  class_counts = [num_classes] + [int(state_dict[k].shape[0]) for k in _CLASSIFIER_KEYS
+                                  if k in state_dict and state_dict[k].shape[0] != num_classes]
+  fits = []
+  for arch in MODEL_PRESETS:
+    for classes in class_counts:
+      try:
+        _model_variables(state_dict, '', arch, classes, layout, True, model_overrides)
+      except (ConversionError, ValueError):
+        continue
+      fits.append((arch, classes))
+      break
+  return fits
+
+
+def _summary(error: ConversionError, hints: bool = True) -> tuple[str, str]:
+  """A conversion error on one line: (its first line, the counts of each category and hints)."""
+  lines = [line.strip() for line in str(error).splitlines()]
+  details = [line.rstrip(':') for line in lines[1:] if re.fullmatch(r'.+ \(\d+\):', line)]
+  details += [line for line in lines if line.startswith('hint:') and hints]
+  return lines[0], '; '.join(details)
+
+
+def model_variables_or_suggest(state_dict, source, arch, num_classes, layout, strict,
+                               model_overrides):
+  """`_model_variables`, whose error for an unfitting `arch` names the arch the tensors fit."""
+  try:
+    return _model_variables(state_dict, source, arch, num_classes, layout, strict,
+                            model_overrides)
+  except ConversionError as e:
+    layout = _layout_of(state_dict, layout, source)
+    fits = fitting_archs(state_dict, layout, num_classes, model_overrides)
+    if not fits:
+      raise ConversionError('; '.join(filter(None, _summary(e))) + '; no known --arch fits it'
+                            ) from e
+    suggestion = ' or '.join(f'--arch={a}' + (f' --num_classes={n}' if n != num_classes else '')
+                             for a, n in fits)
+    first, details = _summary(e, hints=False)
+    raise ConversionError(
+        f'{source} ({layout} layout) does not fit --arch={arch} with --num_classes='
+        f'{num_classes} ({details or first}): its tensors fit {suggestion}') from e
 
 
 def _backbone_variables(state_dict, source, arch, layout, model_overrides):
@@ -570,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     variables, overrides, _ = _backbone_variables(
         state_dict, args.checkpoint, args.arch, layout, dict(args.override))
   else:
-    variables, overrides, _ = _model_variables(
+    variables, overrides, _ = model_variables_or_suggest(
         state_dict, args.checkpoint, args.arch, args.num_classes, layout, not args.non_strict,
         dict(args.override))
   metadata = {'arch': args.arch, 'num_classes': args.num_classes, 'overrides': overrides,
@@ -584,8 +794,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  try:
-    sys.exit(main())
-  except (ConversionError, CheckpointError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  from skd_jax import cli  # pylint: disable=g-import-not-at-top  (orbax: slow import)
+  cli.quiet_library_errors()
+  sys.exit(cli.run_with_one_line_errors(main))

@@ -190,7 +190,12 @@ def sliding_window_starts(size: int, tile: int, stride: int) -> list[int]:
 
 
 def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
-  """(round(h * scale), round(w * scale)): `scipy.ndimage.zoom`'s output size (Python round)."""
+  """(round(h * scale), round(w * scale)): `scipy.ndimage.zoom`'s output size (Python round).
+
+  At scale 1 the size itself, which may then be symbolic (`skd_jax.export`).
+  """
+  if scale == 1:
+    return tuple(size)
   return tuple(max(int(round(s * scale)), 1) for s in size)
 
 
@@ -513,4 +518,4 @@ if __name__ == '__main__':
                     'With --export_dir: also write colour visualisations to <export_dir>_color.')
   cli.define_multihost_flags()
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

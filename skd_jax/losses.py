@@ -17,6 +17,8 @@ behaviour (it produced the published numbers) and the paper's reading is an opti
 * `critic_loss`, `gradient_penalty`, `generator_loss`, `hinge_critic_loss`,
   `hinge_generator_loss`: holistic (adversarial) distillation, WGAN-GP (reference) or hinge
   (CIRKD).
+* `logit_kd`, `channel_wise_loss`, `dist_relations`, `dist_loss`: the methods SKD is compared
+  with in the CIRKD benchmark (logit KD, CWD, DIST), each as its public code defines it.
 """
 
 from __future__ import annotations
@@ -469,8 +471,180 @@ def gradient_penalty(critic_fn: Callable[[jax.Array], Any], real: jax.Array, fak
   return (penalty, aux) if has_aux else penalty
 
 
+# --------------------------------------------------------------------------------------------------
+# The methods SKD is compared with (the CIRKD benchmark): logit KD, CWD, DIST.
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_positive_int(v: Any) -> bool:
+  try:
+    return not isinstance(v, bool) and operator.index(v) >= 1
+  except TypeError:
+    return False
+
+
+def logit_kd(student_logits: jax.Array, teacher_logits: jax.Array, *,
+             temperature: float = 1.0) -> jax.Array:
+  """Logit knowledge distillation (Hinton et al.): per-pixel mean of KL(p_T || p_S), times T^2.
+
+      T^2 * sum_{n,h,w,c} p_T * (log p_T - log p_S) / (N * h * w),   p = softmax(z / T) over C
+
+  This is CIRKD's ``CriterionKD`` (``F.kl_div(..., reduction='batchmean')`` over the N*h*w pixel
+  rows, times T^2; its runs use T = 1), applied to the main logits at their own resolution, no
+  upsampling and no ignore mask. The quantity is `pixel_wise_kl`'s, which computes it; this name
+  is the KD method's term. A mean over the pixels of the global batch equals the reference's
+  per-GPU value averaged over its GPUs (DDP averages gradients) when the per-GPU batches are equal.
+
+  Args:
+    student_logits: [N, h, w, C], any float dtype.
+    teacher_logits: [N, h, w, C], treated as a constant.
+    temperature: softmax temperature T > 0.
+
+  Returns:
+    float32 scalar, 0 when the student equals the teacher.
+  """
+  return pixel_wise_kl(student_logits, teacher_logits, temperature=temperature)
+
+
+def channel_wise_loss(student_map: jax.Array, teacher_map: jax.Array, *,
+                      temperature: float = 4.0, channel_divisor: int | None = None) -> jax.Array:
+  """Channel-wise distillation (CWD; Shu et al., ICCV 2021), on logits or on features.
+
+  Each channel c of each image n becomes a distribution over the M = H*W positions i,
+  ``phi(x)_nci = softmax_i(x_nic / T)``, and the loss is the KL divergence of the student's from
+  the teacher's, summed over positions, channels and images:
+
+      T^2 * sum_{n,c,i} phi(t)_nci * (log phi(t)_nci - log phi(s)_nci) / (N * C')
+
+  with ``C' = channel_divisor`` if given, else C (the compared channel count; the paper's 1/C).
+  CIRKD (``CriterionCWD(norm_type='channel', divergence='kl', temperature=4.)``, the published CWD
+  run) uses T = 4 for both its terms (logits, weight 3; features, weight 50) and takes its divisor
+  from the student's input BEFORE its 1x1 adapter, so on features with a student of Cs channels
+  and a teacher of Ct the reference divides by N * Cs, not N * Ct (x2 for its 128 -> 256
+  channels). To match the reference, pass ``channel_divisor=Cs`` for the feature term; on the
+  logits the two readings agree. The student's features go through
+  `skd_jax.models.adapters.ChannelAdapter` first when Cs != Ct (that is the trainer's job; this
+  function compares maps of one shape).
+
+  Both maps must have the same resolution (no resizing here). The reference takes ``log`` of the
+  student's softmax, where this uses log-softmax: equal up to rounding, except where the softmax
+  underflows to 0 (the reference's loss is then infinite, this one finite). Linear in the images,
+  so the global-batch value equals the reference's per-GPU average.
+
+  Args:
+    student_map: [N, H, W, C] student logits or (adapted) features, any float dtype.
+    teacher_map: [N, H, W, C], treated as a constant.
+    temperature: softmax temperature T > 0 (4 in CIRKD and in the paper's Cityscapes runs).
+    channel_divisor: C' of the N * C' normaliser; None for the compared channel count C.
+
+  Returns:
+    float32 scalar, 0 when the student equals the teacher.
+  """
+  student_map = jnp.asarray(student_map)
+  teacher_map = jnp.asarray(teacher_map)
+  _check_ndim(student_map, 4, 'student_map', '[N, H, W, C]')
+  if student_map.shape != teacher_map.shape:
+    raise ValueError(
+        f'student_map and teacher_map must have the same shape, got {tuple(student_map.shape)} '
+        f'and {tuple(teacher_map.shape)} (map the student features to the teacher channels with '
+        f'skd_jax.models.adapters.ChannelAdapter)')
+  if not temperature > 0:
+    raise ValueError(f'temperature must be > 0, got {temperature}')
+  if channel_divisor is not None and not _is_positive_int(channel_divisor):
+    raise ValueError(f'channel_divisor must be None or a positive int, got {channel_divisor!r}')
+  n, h, w, c = student_map.shape
+
+  def log_phi(x):  # [N, H, W, C] -> [N, H*W, C], log-softmax over the positions.
+    return jax.nn.log_softmax(_f32(x).reshape(n, h * w, c) / temperature, axis=1)
+
+  log_ps = log_phi(student_map)
+  log_pt = log_phi(jax.lax.stop_gradient(teacher_map))
+  total = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps))
+  return total / (n * (channel_divisor or c)) * temperature**2
+
+
+_EPS_PEARSON = 1e-8  # DIST adds it to the product of the two centred norms.
+
+
+def _pearson(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:
+  """Pearson correlation along axis: cos(a - mean a, b - mean b), eps added to the norm product."""
+  a = a - jnp.mean(a, axis=axis, keepdims=True)
+  b = b - jnp.mean(b, axis=axis, keepdims=True)
+  norms = _safe_sqrt(jnp.sum(a * a, axis=axis)) * _safe_sqrt(jnp.sum(b * b, axis=axis))
+  return jnp.sum(a * b, axis=axis) / (norms + _EPS_PEARSON)
+
+
+def dist_relations(student_logits: jax.Array, teacher_logits: jax.Array, *,
+                   temperature: float = 1.0, groups: int = 1) -> tuple[jax.Array, jax.Array]:
+  """DIST's two relation losses (Huang et al., NeurIPS 2022), for segmentation logits.
+
+  With ``Y = softmax(z / T)`` over the C classes, the pixels of each group of N / G images
+  flattened into the P = (N / G) * h * w rows of a [P, C] matrix per group g, and
+  ``rho(u, v) = (u - mean u) . (v - mean v) / (||u - mean u|| * ||v - mean v|| + 1e-8)``:
+
+      inter = T^2 * (1 - mean_{g, p} rho(Y^S_g[p, :], Y^T_g[p, :]))   # each pixel's class vector
+      intra = T^2 * (1 - mean_{g, c} rho(Y^S_g[:, c], Y^T_g[:, c]))   # each class across pixels
+
+  This is the DIST_KD segmentation code (``segmentation/losses/dist_kd.py``): softmax of the raw
+  logits, the [N, C, h, w] maps flattened to one [N*h*w, C] matrix per GPU, epsilon 1e-8 added to
+  the product of the norms, no upsampling and no ignore mask, on the main and the aux logits (the
+  trainer applies the 0.4). That code has no temperature; the classification DIST's ``tau``
+  (softmax of z / tau, both terms times tau^2) is the option here, and T = 1 is the segmentation
+  code exactly.
+
+  The intra-class term is not linear in the images: the reference computes it over each GPU's
+  local batch and DDP averages the per-GPU losses. ``groups=G`` splits the batch into G
+  consecutive groups of N / G images and averages their losses, which is the reference on G GPUs
+  (its published run: 8 GPUs x 2 images, ``groups=8`` for N = 16); ``groups=1`` takes the whole
+  batch as one group. The inter-class term is the same for every G.
+
+  A pixel whose class vector is constant (a uniform softmax) has a zero centred vector, so its
+  correlation is 0, as in the reference; the gradient there is then large (b / 1e-8), as the
+  reference's is.
+
+  Args:
+    student_logits: [N, h, w, C], any float dtype.
+    teacher_logits: [N, h, w, C], treated as a constant.
+    temperature: softmax temperature T > 0 (1: the segmentation code).
+    groups: number G of equal image groups (G must divide N).
+
+  Returns:
+    (inter, intra), float32 scalars, each 0 when the student equals the teacher (up to the
+    epsilon) and T^2 when the teacher is uniform.
+  """
+  log_ps, log_pt = _pixel_inputs(student_logits, teacher_logits, temperature)
+  n, _, _, c = log_ps.shape
+  if not _is_positive_int(groups) or n % groups:
+    raise ValueError(f'groups must be a positive int dividing the batch size {n}, got {groups!r}')
+  ps = jnp.exp(log_ps).reshape(groups, -1, c)
+  pt = jnp.exp(log_pt).reshape(groups, -1, c)
+  inter = 1.0 - jnp.mean(_pearson(ps, pt, axis=-1))
+  intra = 1.0 - jnp.mean(_pearson(ps, pt, axis=1))
+  return inter * temperature**2, intra * temperature**2
+
+
+def dist_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, beta: float = 1.0,
+              gamma: float = 1.0, temperature: float = 1.0, groups: int = 1) -> jax.Array:
+  """DIST: ``beta * inter + gamma * intra`` of `dist_relations` (beta = gamma = 1 in DIST).
+
+  Args:
+    student_logits: [N, h, w, C], any float dtype.
+    teacher_logits: [N, h, w, C], treated as a constant.
+    beta: weight of the inter-class (per-pixel) relation.
+    gamma: weight of the intra-class (per-class, across pixels) relation.
+    temperature: softmax temperature T > 0 (1: the segmentation code).
+    groups: images split into this many equal groups, as the reference's GPUs.
+
+  Returns:
+    float32 scalar.
+  """
+  inter, intra = dist_relations(student_logits, teacher_logits, temperature=temperature,
+                                groups=groups)
+  return beta * inter + gamma * intra
+
+
 __all__ = [
-    'critic_loss', 'cross_entropy', 'generator_loss', 'gradient_penalty', 'hinge_critic_loss',
-    'hinge_generator_loss', 'pair_wise_loss', 'pair_wise_nodes', 'pixel_wise_kl',
-    'pixel_wise_loss',
+    'channel_wise_loss', 'critic_loss', 'cross_entropy', 'dist_loss', 'dist_relations',
+    'generator_loss', 'gradient_penalty', 'hinge_critic_loss', 'hinge_generator_loss', 'logit_kd',
+    'pair_wise_loss', 'pair_wise_nodes', 'pixel_wise_kl', 'pixel_wise_loss',
 ]

@@ -6,7 +6,8 @@ these follow PyTorch, because the reference code (PyTorch) produced the publishe
 
 Resizing and adaptive pooling are written as small interpolation / averaging matrices applied per
 axis (built in NumPy from the static shapes), which is exact, cheap for the sizes involved and
-differentiable.
+differentiable. Under `jax.export` with symbolic image sizes (`skd_jax.export`) the same matrices
+are built in JAX from the sizes' integer arithmetic instead.
 
 `conv_general_dilated` (every backbone and head convolution) and the max pooling's gradient are
 the same functions as XLA's, expressed so that XLA:CPU runs them fast (see the README's
@@ -28,7 +29,7 @@ import numpy as np
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
   if isinstance(v, int):
     return (v, v)
-  v = tuple(int(x) for x in v)
+  v = tuple(int(x) if _is_static(x) else x for x in v)   # symbolic sizes stay as they are
   if len(v) != 2:
     raise ValueError(f'expected an int or a pair of ints, got {v!r}')
   return v
@@ -54,6 +55,34 @@ def align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
   return m
 
 
+def _is_static(*sizes) -> bool:
+  """True unless a size is a `jax.export` symbolic dimension."""
+  return not any(jax.export.is_symbolic_dim(s) for s in sizes)
+
+
+def _symbolic_align_corners_matrix(in_size, out_size, dtype) -> jax.Array:
+  """`align_corners_matrix` for symbolic sizes, in JAX: [out_size, in_size] of `dtype`.
+
+  ``src = i * (in - 1) / (out - 1)`` is split in integers, ``lo = floor``, ``frac = remainder /
+  (out - 1)``, so the weights are one rounding away from the exact ones (the NumPy matrix cast
+  to float32 is too).
+  """
+  numerator = jnp.arange(out_size, dtype=jnp.int32) * (jnp.asarray(in_size, jnp.int32) - 1)
+  denominator = jnp.maximum(jnp.asarray(out_size, jnp.int32) - 1, 1)
+  lo = numerator // denominator
+  frac = ((numerator - lo * denominator) / denominator).astype(dtype)
+  hi = jnp.minimum(lo + 1, jnp.asarray(in_size, jnp.int32) - 1)
+  columns = jnp.arange(in_size, dtype=jnp.int32)[None, :]
+  return ((1 - frac)[:, None] * (lo[:, None] == columns).astype(dtype)
+          + frac[:, None] * (hi[:, None] == columns).astype(dtype))
+
+
+def _interpolation_matrix(in_size, out_size, dtype) -> jax.Array:
+  if _is_static(in_size, out_size):
+    return jnp.asarray(align_corners_matrix(in_size, out_size), dtype)
+  return _symbolic_align_corners_matrix(in_size, out_size, dtype)
+
+
 def resize_bilinear(x: jax.Array, size: int | Sequence[int]) -> jax.Array:
   """Bilinear resize with ``align_corners=True`` (PyTorch ``F.interpolate`` / ``F.upsample``).
 
@@ -68,10 +97,10 @@ def resize_bilinear(x: jax.Array, size: int | Sequence[int]) -> jax.Array:
   """
   out_h, out_w = _pair(size)
   _, in_h, in_w, _ = x.shape
-  if (in_h, in_w) == (out_h, out_w):
+  if (in_h, in_w) == (out_h, out_w):   # symbolic sizes compare equal only when identical
     return x
-  mh = jnp.asarray(align_corners_matrix(in_h, out_h), x.dtype)
-  mw = jnp.asarray(align_corners_matrix(in_w, out_w), x.dtype)
+  mh = _interpolation_matrix(in_h, out_h, x.dtype)
+  mw = _interpolation_matrix(in_w, out_w, x.dtype)
   x = jnp.einsum('oh,nhwc->nowc', mh, x)
   return jnp.einsum('pw,nowc->nopc', mw, x)
 
@@ -90,12 +119,29 @@ def adaptive_pool_matrix(in_size: int, bins: int) -> np.ndarray:
   return m
 
 
+def _symbolic_adaptive_pool_matrix(in_size, bins: int, dtype) -> jax.Array:
+  """`adaptive_pool_matrix` for a symbolic `in_size`, in JAX: [bins, in_size] of `dtype`."""
+  size = jnp.asarray(in_size, jnp.int32)
+  index = jnp.arange(bins, dtype=jnp.int32)
+  start = (index * size) // bins
+  end = -((-(index + 1) * size) // bins)  # ceil
+  rows = jnp.arange(in_size, dtype=jnp.int32)[None, :]
+  inside = (rows >= start[:, None]) & (rows < end[:, None])
+  return inside.astype(dtype) / (end - start).astype(dtype)[:, None]
+
+
+def _pooling_matrix(in_size, bins: int, dtype) -> jax.Array:
+  if _is_static(in_size):
+    return jnp.asarray(adaptive_pool_matrix(in_size, bins), dtype)
+  return _symbolic_adaptive_pool_matrix(in_size, bins, dtype)
+
+
 def adaptive_avg_pool(x: jax.Array, bins: int | Sequence[int]) -> jax.Array:
   """PyTorch ``nn.AdaptiveAvgPool2d(bins)`` on [N, H, W, C]; returns [N, bh, bw, C]."""
   bh, bw = _pair(bins)
   _, in_h, in_w, _ = x.shape
-  mh = jnp.asarray(adaptive_pool_matrix(in_h, bh), x.dtype)
-  mw = jnp.asarray(adaptive_pool_matrix(in_w, bw), x.dtype)
+  mh = _pooling_matrix(in_h, bh, x.dtype)
+  mw = _pooling_matrix(in_w, bw, x.dtype)
   x = jnp.einsum('oh,nhwc->nowc', mh, x)
   return jnp.einsum('pw,nowc->nopc', mw, x)
 
@@ -110,7 +156,10 @@ def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mod
   if span < 0:
     raise ValueError(f'pooling kernel {kernel} is larger than the padded input {size + 2 * padding}')
   out = (-(-span // stride) if ceil_mode else span // stride) + 1
-  if ceil_mode and (out - 1) * stride >= size + padding:
+  # (out - 1) * stride - span is below the stride, so the last window can only start past the
+  # input when kernel - padding < stride. Testing that first keeps the size a closed form for
+  # symbolic sizes, where the second comparison cannot be decided.
+  if ceil_mode and kernel - padding < stride and (out - 1) * stride >= size + padding:
     out -= 1
   return out
 
@@ -140,18 +189,17 @@ def pool2d(x: jax.Array, kernel: int | Sequence[int], stride: int | Sequence[int
   _, h, w, _ = x.shape
   oh = pool_output_size(h, kh, sh, ph, ceil_mode)
   ow = pool_output_size(w, kw, sw, pw, ceil_mode)
-  # Extra right padding so that every one of the oh x ow windows fits.
-  eh = max(0, (oh - 1) * sh + kh - (h + 2 * ph))
-  ew = max(0, (ow - 1) * sw + kw - (w + 2 * pw))
-  pads = ((0, 0), (ph, ph + eh), (pw, pw + ew), (0, 0))
+  pads = ((0, 0), (ph, ph + _extra_padding(h, kh, sh, ph, oh)),
+          (pw, pw + _extra_padding(w, kw, sw, pw, ow)), (0, 0))
   if mode == 'max':
-    if kh * kw <= _MAX_POOL_OFFSETS:
+    if kh * kw <= _MAX_POOL_OFFSETS and _is_static(h, w):
       return _max_pool(x, (kh, kw), (sh, sw), pads)
-    return _reduce_window_max(x, (kh, kw), (sh, sw), pads)
+    return _reduce_window_max(x, (kh, kw), (sh, sw), pads)[:, :oh, :ow]
   # A concrete NumPy init value: JAX recognises (add, 0) as the differentiable reduce_window_sum
   # only when the init value is a known constant.
   window, strides = (1, kh, kw, 1), (1, sh, sw, 1)
-  summed = jax.lax.reduce_window(x, np.array(0, x.dtype), jax.lax.add, window, strides, pads)
+  summed = jax.lax.reduce_window(x, np.array(0, x.dtype), jax.lax.add, window, strides,
+                                 pads)[:, :oh, :ow]
   # PyTorch divides by the window clipped to the (symmetrically) padded input.
   counts = np.outer(_window_counts(h, kh, sh, ph, oh), _window_counts(w, kw, sw, pw, ow))
   return summed / jnp.asarray(counts, x.dtype)[None, :, :, None]
@@ -209,6 +257,17 @@ def _max_pool_bwd(window, strides, pads, residuals, grad):
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def _extra_padding(size, kernel: int, stride: int, padding: int, out) -> int:
+  """Right padding beyond `padding` that makes each of the `out` windows fit.
+
+  For a symbolic size (`jax.export`), whose ``max(0, ...)`` cannot be decided, a stride's worth:
+  enough for every window, and the windows past `out` it adds are cut off by the caller.
+  """
+  if not _is_static(size, out):
+    return stride - 1
+  return max(0, (out - 1) * stride + kernel - (size + 2 * padding))
 
 
 def _window_counts(size: int, kernel: int, stride: int, padding: int, out: int) -> np.ndarray:

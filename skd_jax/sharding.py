@@ -244,6 +244,20 @@ def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh, what: str)
   return global_batch_size // data_size * local_rows
 
 
+def process_rows(mesh: jax.sharding.Mesh, global_batch_size: int) -> np.ndarray:
+  """The rows [B_local] of a global batch that this process's devices hold, in order.
+
+  What `global_batch` expects this process to feed: `jax.make_array_from_process_local_data`
+  places the local rows, in order, on the slices its devices address (several blocks when a
+  device layout interleaves the hosts).
+  """
+  indices = batch_sharded(mesh).addressable_devices_indices_map((global_batch_size,))
+  rows = set()
+  for (rows_slice,) in indices.values():
+    rows.update(range(*rows_slice.indices(global_batch_size)))
+  return np.array(sorted(rows), np.int64)
+
+
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, Any]:
   """Host-local arrays [B_local, ...] -> global arrays [B_global, ...] sharded over ``'data'``."""
   sharding = batch_sharded(mesh)

@@ -1,11 +1,17 @@
 """Distillation training: the train state, one jitted train step, and the loop around it.
 
-One step, in the reference order (skd-reference.md section 4):
+One step, in the reference order (skd-reference.md section 4), checked as a whole step against a
+PyTorch statement of the reference (tests/test_step_parity.py):
   1. teacher forward, eval mode, no gradient -> teacher logits and pair-wise feature;
   2. student forward, train mode -> CE + aux CE + lambda_pi * pixel-wise + lambda_pa * pair-wise
-     + lambda_ho * adversarial (the discriminator held fixed), and the student's update;
+     + lambda_ho * adversarial (D(student logits): the discriminator's parameters held fixed, its
+     spectral-norm and BatchNorm state advanced), and the student's update;
   3. one discriminator update on the pre-update student logits (gradient stopped) against the
-     teacher's: WGAN-GP or hinge.
+     teacher's: WGAN-GP or hinge, from D(teacher logits), then D(student logits), then (WGAN-GP)
+     D(interpolation) for the gradient penalty, each call advancing the state of the one before.
+Both optimisers count iterations from 1, as the reference's ``lr_poly`` (`poly_sgd`). Where the
+step knowingly departs from the reference (spectral norm's backward, `disc.sn_backward`), the
+README's faithfulness notes say so, with the measured size.
 A weight of 0 removes its term from the compiled step: no teacher forward when every distillation
 weight is 0, no discriminator when lambda_ho is 0. The student-alone baseline and teacher training
 are this same program with those weights at 0.
@@ -102,9 +108,10 @@ class StepContext:
   disc: nn.Module | None
   student_tx: optax.GradientTransformation
   disc_tx: optax.GradientTransformation | None
-  student_lr: optax.Schedule
+  student_lr: optax.Schedule    # of the optimiser's count (= state.step): the rate it applies
   disc_lr: optax.Schedule | None
   loss: LossConfig
+  disc_sn_backward: str = 'own'  # 'own' | 'last' (the reference's): see `config_base`
 
 
 def poly_schedule(lr: float, num_steps: int, power: float) -> optax.Schedule:
@@ -123,10 +130,16 @@ def poly_sgd(lr: float, momentum: float, weight_decay: float, num_steps: int, po
              ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """PyTorch SGD (weight decay added to the gradient before momentum) with poly decay.
 
-  The learning rate follows `poly_schedule`; decay applies to every parameter, BN included, as in
-  the reference.
+  The reference counts iterations from 1 and sets ``lr_poly(lr, i, num_steps, power)`` before
+  its i-th update, so update ``count`` (optax's, from 0) has rate ``poly_schedule(count + 1)``:
+  the first is already below `lr`, the last (``count = num_steps - 1``) is 0. Decay applies to
+  every parameter, BN included, as in the reference.
+
+  Returns:
+    (transform, the rate as a function of the optimiser's count, i.e. of ``TrainState.step``).
   """
-  schedule = poly_schedule(lr, num_steps, power)
+  reference_rate = poly_schedule(lr, num_steps, power)
+  schedule = lambda count: reference_rate(jnp.asarray(count) + 1)
   tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum))
   return tx, schedule
 
@@ -146,11 +159,18 @@ def disc_optimizer(disc_config: ml_collections.ConfigDict, num_steps: int
   raise ValueError(f"disc.optimizer must be 'sgd' or 'adam', got {disc_config.optimizer!r}")
 
 
-def _critic(ctx: StepContext, disc_params, disc_batch_stats, logits, images):
-  """Discriminator scores [N] (train mode) and its updated spectral-norm / BN state."""
+def _critic(ctx: StepContext, disc_params, disc_batch_stats, logits, images, sn_backward=None):
+  """Discriminator scores [N] (train mode) and its updated spectral-norm / BN state.
+
+  `sn_backward`: the spectral norms' backward vectors (`disc_lib.spectral_vectors_after`), or
+  None for each call's own.
+  """
+  variables = {'params': disc_params, 'batch_stats': disc_batch_stats}
+  if sn_backward is not None:
+    variables[disc_lib.SN_BACKWARD] = sn_backward
   scores, updates = ctx.disc.apply(
-      {'params': disc_params, 'batch_stats': disc_batch_stats}, logits,
-      images if ctx.disc.image_conditioned else None, train=True, mutable=['batch_stats'])
+      variables, logits, images if ctx.disc.image_conditioned else None, train=True,
+      mutable=['batch_stats'])
   return scores, updates['batch_stats']
 
 
@@ -223,13 +243,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_variables
     fake = jax.lax.stop_gradient(student_logits.astype(jnp.float32))  # pre-update student
 
     def disc_loss(params):
-      fake_scores, stats = _critic(ctx, params, disc_batch_stats, fake, images)
-      real_scores, stats = _critic(ctx, params, stats, teacher_logits, images)
+      # The reference's order: teacher, student, then (WGAN-GP) the interpolation; each call
+      # starts from the spectral-norm and BN state the previous one left.
+      sn_backward = None
+      if ctx.disc_sn_backward == 'last':
+        num_calls = 3 if cfg.gan_loss == 'wgan_gp' else 2
+        sn_backward = disc_lib.spectral_vectors_after(params, disc_batch_stats, num_calls)
+      critic = functools.partial(_critic, ctx, params, images=images, sn_backward=sn_backward)
+      real_scores, stats = critic(disc_batch_stats, teacher_logits)
+      fake_scores, stats = critic(stats, fake)
       d_terms = {'real_score': jnp.mean(real_scores), 'fake_score': jnp.mean(fake_scores)}
       if cfg.gan_loss == 'wgan_gp':
         d_terms['wasserstein'] = losses.critic_loss(real_scores, fake_scores)
-        d_terms['gradient_penalty'] = losses.gradient_penalty(
-            lambda x: _critic(ctx, params, stats, x, images)[0], teacher_logits, fake, gp_rng)
+        before_penalty = stats
+        d_terms['gradient_penalty'], stats = losses.gradient_penalty(
+            lambda x: critic(before_penalty, x), teacher_logits, fake, gp_rng, has_aux=True)
         loss = cfg.lambda_d * (d_terms['wasserstein'] + cfg.lambda_gp * d_terms['gradient_penalty'])
       else:
         d_terms['hinge_real'] = jnp.mean(jax.nn.relu(1.0 - real_scores))
@@ -314,6 +342,12 @@ def load_model(config: ml_collections.ConfigDict, section: ml_collections.Config
     metadata = {'arch': section.arch, 'overrides': overrides}
   else:
     variables, metadata = ckpt_lib.load_variables(path)
+    recorded = metadata.get('num_classes')
+    if recorded is not None and recorded != config.data.num_classes:
+      raise ValueError(
+          f'checkpoint {path} predicts {recorded} classes, but {config.data.dataset} has '
+          f'data.num_classes = {config.data.num_classes}: give a network trained on these '
+          'classes (a teacher run of this config, or a converted .pth of this dataset).')
   model = model_from_metadata(config, section, metadata)
   expected = jax.eval_shape(
       lambda: model.init(jax.random.key(0, impl='rbg'), jnp.zeros((1, 64, 64, 3)), train=False))
@@ -352,7 +386,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: pathlib.Path
   mesh = sharding_lib.make_mesh(shape=config.mesh)
   per_process_batch = sharding_lib.check_batch_size(config.eval.batch_size, mesh,
                                                     'eval.batch_size')
-  data_dir = prepare_data(config, workdir)
+  data_dir = prepare_data(config, workdir, training=False)
   if which == 'teacher':
     model, variables = load_teacher(config)
     name = f'teacher {config.teacher.checkpoint}'
@@ -439,9 +473,11 @@ def make_step_context(config: ml_collections.ConfigDict, teacher: nn.Module | No
   if cfg.uses_disc:
     disc = discriminator(config)
     disc_tx, disc_lr = disc_optimizer(config.disc, num_steps)
+  if config.disc.sn_backward not in ('own', 'last'):
+    raise ValueError(f"disc.sn_backward must be 'own' or 'last', got {config.disc.sn_backward!r}")
   return StepContext(student=student_model(config), teacher=teacher if cfg.uses_teacher else None,
                      disc=disc, student_tx=student_tx, disc_tx=disc_tx, student_lr=student_lr,
-                     disc_lr=disc_lr, loss=cfg)
+                     disc_lr=disc_lr, loss=cfg, disc_sn_backward=config.disc.sn_backward)
 
 
 def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,
@@ -479,10 +515,17 @@ def jit_train_step(ctx: StepContext, mesh: jax.sharding.Mesh, state_sharding: An
 # Data.
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> str:
+def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
+                 training: bool = True) -> str:
   """Prepares `config.data.dataset` with tfds (writing the synthetic Cityscapes stand-in first if
-  configured); returns the tfds data dir."""
-  from skd_jax.data import pipeline, synthetic  # pylint: disable=g-import-not-at-top
+  configured) and checks it; returns the tfds data dir.
+
+  The checks (`skd_jax.data.checks`): after the first preparation every example is decoded once
+  and its label values counted; this census is then checked against the config (label values
+  outside the dataset's table, the class count and, for `training`, the crop size), so that
+  damaged files and wrong labels stop the run before its first step, each with its one line.
+  """
+  from skd_jax.data import checks, pipeline, synthetic  # pylint: disable=g-import-not-at-top
   data = config.data
   manual_dir = data.manual_dir or str(workdir / 'data' / 'manual')
   data_dir = data.tfds_data_dir or str(workdir / 'data' / 'tfds')
@@ -500,31 +543,45 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> st
           num_test=data.synthetic_num_test, height=data.synthetic_height,
           width=data.synthetic_width, seed=data.synthetic_seed)
     pipeline.prepare_dataset(data.dataset, manual_dir, data_dir)
+    return checks.load_or_take_census(data_dir, data.dataset, manual_dir)
 
   # Multi-host: process 0 prepares while the others wait, so that no two write one folder. The
   # others then find it prepared (a shared folder) or, where the folder is host-local, prepare
   # their own copy (synthetic data is a pure function of its seed).
   if jax.process_index() == 0:
-    prepare()
+    census = prepare()
   sharding_lib.sync('prepare_data')
   if jax.process_index() > 0:
-    prepare()
+    census = prepare()
+  warnings = checks.check_labels(census, data.dataset, data.num_classes,
+                                 data.unknown_label_tolerance)
+  if training:
+    warnings.append(checks.check_crop(census, data.train_split, data.crop_size, data.scales))
+  for warning in filter(None, warnings):
+    logging.warning('%s', warning)
   return data_dir
 
 
-def train_iterator(config, data_dir: str, start_step: int, per_process_batch: int, *,
-                   process_index: int | None = None, process_count: int | None = None
-                   ) -> Iterator:
-  """This process's training batches (another process's, given `process_index` and count)."""
+def train_iterator(config, data_dir: str, start_step: int, mesh: jax.sharding.Mesh | None = None,
+                   **process) -> Iterator:
+  """This process's rows of the global training batches of ``config.optim.batch_size``.
+
+  With `mesh`, the rows its devices hold here (`sharding_lib.process_rows`); without, the
+  `pipeline.make_train_iterator` keywords `process_index`, `process_count` (and `rows`) say
+  whose rows (by default: this process's block).
+  """
   from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   data = config.data
+  if mesh is not None:
+    process = {'rows': sharding_lib.process_rows(mesh, config.optim.batch_size)}
+  process.setdefault('process_index', jax.process_index())
+  process.setdefault('process_count', jax.process_count())
   return pipeline.make_train_iterator(
-      data_dir=data_dir, split=data.train_split, batch_size=per_process_batch,
+      data_dir=data_dir, split=data.train_split,
+      batch_size=config.optim.batch_size // process['process_count'],
       crop_size=tuple(data.crop_size), scales=tuple(data.scales) or None, flip=data.flip,
       normalization=data.normalization, seed=config.seed, start_step=start_step,
-      process_index=jax.process_index() if process_index is None else process_index,
-      process_count=jax.process_count() if process_count is None else process_count,
-      dataset=data.dataset)
+      dataset=data.dataset, **process)
 
 
 def eval_iterator(config, data_dir: str, per_process_batch: int) -> Iterator:
@@ -582,12 +639,126 @@ def _eval_samples(config, data_dir: str, per_process_batch: int) -> dict[str, np
   return {k: v[real][:num] for k, v in gathered.items()}
 
 
-def _check_metrics(metrics: dict[str, float], step: int) -> None:
-  bad = [k for k, v in metrics.items() if not np.isfinite(v)]
-  if bad:
-    raise FloatingPointError(
-        f'non-finite {", ".join(bad)} by step {step}: stopping before anything reaches a '
-        f'checkpoint (lower the learning rate or the weight of that term).')
+# The loss terms of a step and the config weights that multiply them in the minimised losses.
+WEIGHTED_TERMS = {
+    'loss/ce': (), 'loss/aux_ce': ('aux_weight',), 'loss/pixel_wise': ('lambda_pi',),
+    'loss/pair_wise': ('lambda_pa',), 'loss/adversarial': ('lambda_ho',),
+    'disc/wasserstein': ('lambda_d',), 'disc/gradient_penalty': ('lambda_d', 'lambda_gp'),
+    'disc/hinge': ('lambda_d',),
+}
+# A weighted term this many times the cross-entropy is what overflowed, not the learning rate.
+DOMINANT_TERM_RATIO = 1e6
+NON_FINITE = 'non_finite/'   # metric prefix: non-finite values counted in each part of the state
+_STATE_PARTS = {
+    'student_params': "the student's parameters",
+    'student_batch_stats': "the student's BatchNorm statistics",
+    'student_opt_state': "the student's optimiser state",
+    'disc_params': "the discriminator's parameters",
+    'disc_batch_stats': "the discriminator's spectral-norm and BatchNorm statistics",
+    'disc_opt_state': "the discriminator's optimiser state",
+}
+
+
+def non_finite_counts(state: TrainState) -> dict[str, jax.Array]:
+  """{'non_finite/<field>': float32 [] count of NaN and infinite values} of each part of `state`.
+
+  The loop counts them after every step (one small jitted reduction, dispatched with the step),
+  so that a value that overflows in the state alone (BatchNorm running variances at a large
+  learning rate, while every loss stays finite) is caught at the step it happens, not at the
+  next checkpoint.
+  """
+  def count(tree):
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return sum((jnp.sum(~jnp.isfinite(x), dtype=jnp.float32) for x in leaves),
+               jnp.zeros((), jnp.float32))
+  return {f'{NON_FINITE}{field}': count(getattr(state, field)) for field in _STATE_PARTS}
+
+
+def _weighted_terms(metrics: dict[str, float], loss: ml_collections.ConfigDict
+                    ) -> dict[str, tuple[str, float, float]]:
+  """{term: (its weights as config names, weight, weight * value)} of the logged loss terms."""
+  out = {}
+  for term, names in WEIGHTED_TERMS.items():
+    if term in metrics:
+      weight = float(np.prod([loss[n] for n in names])) if names else 1.0
+      with np.errstate(over='ignore', invalid='ignore'):
+        weighted = float(np.float32(weight) * np.float32(metrics[term]))
+      out[term] = (' * '.join(f'loss.{n}' for n in names), weight, weighted)
+  return out
+
+
+def _dominant_term(metrics: dict[str, float], loss: ml_collections.ConfigDict
+                   ) -> tuple[str, float, float] | None:
+  """(term, its weighted value, the cross-entropy) when a finite weighted term other than the
+  cross-entropy exceeds it `DOMINANT_TERM_RATIO` times (its weight is what is wrong), else None."""
+  weighted = {t: w for t, (_, _, w) in _weighted_terms(metrics, loss).items()
+              if t != 'loss/ce' and np.isfinite(w)}
+  if not weighted:
+    return None
+  largest = max(weighted, key=lambda t: abs(weighted[t]))
+  ce = abs(metrics.get('loss/ce', 1.0))
+  if np.isfinite(ce) and abs(weighted[largest]) > DOMINANT_TERM_RATIO * max(ce, 1.0):
+    return largest, weighted[largest], ce
+  return None
+
+
+def describe_non_finite(step: int, metrics: dict[str, float], config: ml_collections.ConfigDict,
+                        first_metrics: dict[str, float] | None = None) -> str | None:
+  """One line naming what became non-finite at `step`, the term that caused it, and the fix.
+
+  `metrics`: one step's host values (with `non_finite_counts`); `first_metrics`: those of the
+  run's first step (before a blow-up has distorted every term). None when all is finite.
+  The cause, in order: a loss term that is itself non-finite or overflows float32 once
+  weighted; else a finite weighted term that dwarfs the cross-entropy (by
+  `DOMINANT_TERM_RATIO`), at this step or the first: its weight is too large; else the update
+  itself: the learning rate (the discriminator's, when only its state blew up).
+  """
+  bad_state = [field for field in _STATE_PARTS if metrics.get(NON_FINITE + field, 0) > 0]
+  bad = [k for k, v in metrics.items() if not k.startswith(NON_FINITE) and not np.isfinite(v)]
+  if not bad_state and not bad:
+    return None
+  what = f'non-finite values in {", ".join(bad + [_STATE_PARTS[f] for f in bad_state])} at step ' \
+         f'{step}'
+  weighted = _weighted_terms(metrics, config.loss)
+  label = lambda term: f'{weighted[term][0]} * {term}' if weighted[term][0] else term
+  student_lr = f'optim.lr ({config.optim.lr:g})'
+  overflowed = [t for t, (_, _, w) in weighted.items() if not np.isfinite(w)]
+  if overflowed:
+    term = overflowed[0]
+    names, weight, _ = weighted[term]
+    value = metrics[term]
+    cause = (f'{term} is {value}' if not np.isfinite(value) else
+             f'{label(term)} = {weight:g} * {value:.3g} overflows float32')
+    fix = f'lower {names} ({weight:g}) or {student_lr}' if names else f'lower {student_lr}'
+    return f'{what}: {cause}; {fix}.'
+  for when, values in (('', metrics), (' at the first step', first_metrics or {})):
+    dominant = _dominant_term(values, config.loss)
+    if dominant:
+      term, value, ce = dominant
+      names, weight, _ = weighted.get(term) or _weighted_terms(values, config.loss)[term]
+      return (f'{what}, while every loss term was finite: {names} * {term} = {value:.3g}'
+              f'{when} dwarfs the cross-entropy ({ce:.3g}): lower {names} ({weight:g}).')
+  finite = {t: w for t, (_, _, w) in weighted.items() if t != 'loss/ce'}
+  largest = max(finite, key=lambda t: abs(finite[t]), default=None)
+  terms = (f' (largest weighted term: {label(largest)} = {finite[largest]:.3g})'
+           if largest is not None else '')
+  if bad_state and all(f.startswith('disc_') for f in bad_state) and not any(
+      k.startswith('grad_norm/student') for k in bad):
+    return (f'{what}, while every loss term was finite{terms}: the discriminator\'s updates are '
+            f'too large: lower disc.lr ({config.disc.lr:g}) or loss.lambda_d '
+            f'({config.loss.lambda_d:g}).')
+  return f'{what}, while every loss term was finite{terms}: the updates are too large: lower ' \
+         f'{student_lr}.'
+
+
+def first_non_finite(steps: list[tuple[int, dict[str, float]]], config: ml_collections.ConfigDict,
+                     first_metrics: dict[str, float] | None = None) -> str | None:
+  """`describe_non_finite` of the first of (step, metrics) with a non-finite value, or None."""
+  for step, metrics in steps:
+    problem = describe_non_finite(step, metrics, config, first_metrics)
+    if problem:
+      return problem
+  return None
 
 
 def _start_state(config: ml_collections.ConfigDict, ctx: StepContext, mesh: jax.sharding.Mesh,
@@ -595,16 +766,18 @@ def _start_state(config: ml_collections.ConfigDict, ctx: StepContext, mesh: jax.
                  ) -> tuple[TrainState, Any, dict[str, Any] | None]:
   """The state to train from, its sharding, and the run's metadata (None for a new run).
 
-  The latest checkpoint in `manager` if there is one; else a fresh state, whose student backbone
-  comes from ``config.student.pretrained`` when that is set.
+  The newest readable checkpoint in `manager` if there is one (`ckpt_lib.restore_latest`: checked
+  against the config first); else a fresh state, whose student backbone comes from
+  ``config.student.pretrained`` when that is set.
   """
   make_state = functools.partial(create_train_state, ctx, image_shape)
   abstract_state = jax.eval_shape(make_state, config.seed)
   state_sharding = state_shardings(abstract_state, mesh, config.mesh_shard_student)
-  if manager.latest_step() is not None:
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            abstract_state, state_sharding)
-    state, meta = ckpt_lib.restore_train_state(manager, manager.latest_step(), abstract)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract_state, state_sharding)
+  restored = ckpt_lib.restore_latest(manager, abstract, model_metadata(config))
+  if restored is not None:
+    state, meta = restored
     logging.info('Resumed from %s at step %d', manager.directory, int(state.step))
     return state, state_sharding, meta
   pretrained = None
@@ -637,23 +810,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                     'optim.batch_size')
   per_process_eval_batch = sharding_lib.check_batch_size(config.eval.batch_size, mesh,
                                                          'eval.batch_size')
-  num_steps = config.optim.num_steps
-  writer = metric_writers.create_default_writer(workdir / 'logs',
-                                                just_logging=jax.process_index() > 0)
-  data_dir = prepare_data(config, workdir)
-  names = class_names(config)
-  eval_batches = functools.partial(eval_iterator, config, data_dir, per_process_eval_batch)
-
+  # The teacher first: a missing or unfitting one is a one-line error before hours of data
+  # preparation, not after.
   teacher = teacher_variables = None
   if loss_config(config).uses_teacher:
     teacher, teacher_variables = load_teacher(config)
+  writer = metric_writers.create_default_writer(workdir / 'logs',
+                                                just_logging=jax.process_index() > 0)
+  data_dir = prepare_data(config, workdir)
   ctx = make_step_context(config, teacher)
   # The teacher's kernels split over 'model' (replicated when config.mesh.model is 1).
   teacher_sharding = sharding_lib.model_parallel(teacher_variables, mesh) if teacher else {}
   teacher_variables = jax.device_put(teacher_variables, teacher_sharding) if teacher else {}
 
-  manager = ckpt_lib.open_manager(workdir / 'checkpoints', max_to_keep=config.checkpoint.keep)
-  best_manager = ckpt_lib.open_manager(workdir / 'best', max_to_keep=1)
+  manager = ckpt_lib.open_manager(workdir / 'checkpoints')
+  best_manager = ckpt_lib.open_manager(workdir / 'best')
+  try:
+    result = _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir,
+                    per_process_batch, per_process_eval_batch, teacher, teacher_variables,
+                    teacher_sharding)
+  finally:
+    # Whatever stopped the run (the end, a non-finite value, a preemption, an error), the
+    # checkpoints being written are completed and the managers closed before it ends: an
+    # asynchronous save dropped at exit is a lost checkpoint (and pages of orbax errors).
+    try:
+      ckpt_lib.finish_saves(best_manager, keep=1)
+    finally:
+      ckpt_lib.finish_saves(manager, keep=config.checkpoint.keep)
+      writer.flush()
+  # Only once the last checkpoint has committed: result.json says the run is complete.
+  if jax.process_index() == 0:
+    (workdir / 'result.json').write_text(json.dumps(result, indent=2))
+  return result
+
+
+def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, per_process_batch,
+           per_process_eval_batch, teacher, teacher_variables, teacher_sharding
+           ) -> dict[str, Any]:
+  """The loop of `train_and_evaluate`, from the start (or resumed) state to the last step."""
+  num_steps = config.optim.num_steps
+  names = class_names(config)
+  eval_batches = functools.partial(eval_iterator, config, data_dir, per_process_eval_batch)
   state, state_sharding, meta = _start_state(
       config, ctx, mesh, (per_process_batch, *config.data.crop_size, 3), manager)
   if meta is None:
@@ -675,20 +872,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                              samples['label'].shape[1:3], mesh)
 
   step_fn = jit_train_step(ctx, mesh, state_sharding, teacher_sharding)
-  batches = train_iterator(config, data_dir, start_step, per_process_batch)
+  count_non_finite = jax.jit(non_finite_counts, out_shardings=sharding_lib.replicated(mesh))
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                                     every_steps=config.log.every_steps)
-  window: list[dict[str, jax.Array]] = []
+  window: list[tuple[int, dict[str, jax.Array]]] = []
   eval_metrics: dict[str, Any] = {}
+  saved_step = start_step if start_step else None
+  first_metrics: dict[str, float] = {}   # of this run's first step: `describe_non_finite`
 
-  def flush(step: int) -> None:
+  def flush() -> None:
+    """Checks the steps since the last flush for non-finite values, then logs their means."""
     if not window:
       return
-    stacked = jax.device_get(window)
-    means = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+    steps = [(step, {k: float(v) for k, v in m.items()}) for step, m in jax.device_get(window)]
     window.clear()
-    _check_metrics(means, step)
-    writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
+    if not first_metrics:
+      first_metrics.update(steps[0][1])
+    problem = first_non_finite(steps, config, first_metrics)
+    if problem:
+      kept = (f'the last checkpoint, step {saved_step}, is intact' if saved_step is not None
+              else 'no checkpoint had been written')
+      raise FloatingPointError(f'{problem} Stopped before writing it to a checkpoint; {kept}.')
+    means = {k: float(np.mean([m[k] for _, m in steps])) for k in steps[0][1]
+             if not k.startswith(NON_FINITE)}
+    writer.write_scalars(steps[-1][0], {f'train/{k}': v for k, v in means.items()})
+
+  def run_meta(step: int) -> dict[str, Any]:
+    return dict(meta, step=step, teacher_miou=teacher_miou, **model_metadata(config))
+
+  def save(step: int) -> None:
+    nonlocal saved_step
+    ckpt_lib.save_train_state(manager, step, state, run_meta(step), keep=config.checkpoint.keep)
+    saved_step = step
 
   def run_eval(step: int) -> None:
     nonlocal eval_metrics
@@ -710,43 +925,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  '' if teacher_miou is None else f' (teacher {teacher_miou:.4f})')
     if eval_metrics['miou'] > meta['best_miou']:
       meta['best_miou'] = eval_metrics['miou']
-      ckpt_lib.save_train_state(best_manager, step, state, run_meta(step))
-
-  def run_meta(step: int) -> dict[str, Any]:
-    return dict(meta, step=step, data_position=step, teacher_miou=teacher_miou,
-                **model_metadata(config))
+      # Committed before the periodic checkpoint of this step (whose meta records this best
+      # mIoU) is even begun: a kill between the two leaves a best checkpoint that the replay
+      # from the previous periodic checkpoint finds in place (and keeps); never a periodic
+      # checkpoint that claims a best one missing from disk.
+      ckpt_lib.save_train_state(best_manager, step, state, run_meta(step), keep=1)
+      ckpt_lib.finish_saves(best_manager, keep=1, close=False)
 
   if start_step >= num_steps:  # a finished run resumed: report its final evaluation again
     run_eval(start_step)
-  for step in range(start_step + 1, num_steps + 1):
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      batch = sharding_lib.global_batch(next(batches), mesh)
-      state, metrics = step_fn(state, batch, teacher_variables)
-    window.append(metrics)
-    report_progress(step)
-    last = step == num_steps
-    if step % config.log.every_steps == 0 or last:
-      flush(step)
-    if step % config.eval.every_steps == 0 or last:
-      flush(step)
-      run_eval(step)
-    if step % config.checkpoint.every_steps == 0 or last:
-      flush(step)
-      ckpt_lib.save_train_state(manager, step, state, run_meta(step))
-      if config.get('debug_exit_after_save_at') == step:
-        manager.wait_until_finished()
-        best_manager.wait_until_finished()
-        logging.warning('debug_exit_after_save_at=%d: exiting as if killed', step)
-        import os  # pylint: disable=g-import-not-at-top
-        os._exit(3)  # pylint: disable=protected-access
-  manager.wait_until_finished()
-  best_manager.wait_until_finished()
-  writer.flush()
-  result = {'student_miou': eval_metrics.get('miou'), 'teacher_miou': teacher_miou,
-            'best_miou': meta['best_miou'], 'eval': eval_metrics, 'step': num_steps}
-  if jax.process_index() == 0:
-    (workdir / 'result.json').write_text(json.dumps(result, indent=2))
-  return result
+  preemption = ckpt_lib.PreemptionNotice(manager)
+  with preemption, train_iterator(config, data_dir, start_step, mesh) as batches:
+    for step in range(start_step + 1, num_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = sharding_lib.global_batch(next(batches), mesh)
+        state, metrics = step_fn(state, batch, teacher_variables)
+      window.append((step, dict(metrics, **count_non_finite(state))))
+      report_progress(step)
+      last = step == num_steps
+      if step % config.log.every_steps == 0 or last:
+        flush()
+      if step % config.eval.every_steps == 0 or last:
+        flush()
+        run_eval(step)
+      if step % config.checkpoint.every_steps == 0 or last:
+        flush()
+        save(step)
+      if preemption.reached(step) and not last:
+        flush()
+        if saved_step != step:
+          save(step)
+        raise ckpt_lib.Preempted(
+            f'{preemption.reason} at step {step}: saved the checkpoint of step {step} in '
+            f'{manager.directory}; run the same command again to resume from it.')
+  return {'student_miou': eval_metrics.get('miou'), 'teacher_miou': teacher_miou,
+          'best_miou': meta['best_miou'], 'eval': eval_metrics, 'step': num_steps}
 
 
 def flatten_config(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:

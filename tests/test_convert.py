@@ -1,8 +1,8 @@
 """PyTorch checkpoint import: the safe .pth reader, the key maps, and output parity with PyTorch.
 
 The fixtures in data/parity/ were written by tools/make_parity_fixtures.py (PyTorch models of each
-layout at reduced width, random weights and running statistics, and their eval-mode outputs); no
-PyTorch is needed here.
+layout at reduced width, random weights and running statistics, and their eval-mode outputs) and,
+for the reference's discriminator, by tools/make_step_fixture.py; no PyTorch is needed here.
 """
 
 from __future__ import annotations
@@ -421,3 +421,65 @@ def test_command_line_writes_an_export(tmp_path):
   merged = convert.load_torch_backbone(out, fresh)
   direct = convert.load_torch_backbone(fixture_path('csail_r18'), fresh)
   jax.tree.map(np.testing.assert_array_equal, merged, direct)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference's discriminator (written by tools/make_step_fixture.py: its initial
+# discriminator as a reference-layout checkpoint, and PyTorch's train-mode scores on an input).
+
+DISC_PTH = PARITY / 'step_parity_disc.pth'
+
+
+def disc_fixture() -> dict[str, np.ndarray]:
+  with np.load(PARITY / 'step_parity.npz') as f:
+    return {k: f[k] for k in f.files if k.startswith(('disc_input', 'disc_scores', 'disc_after'))}
+
+
+def test_reference_discriminator_converts_and_scores_as_pytorch():
+  variables, model = convert.load_torch_discriminator(DISC_PTH)
+  assert model.features == (8, 8, 16, 16) and not model.image_conditioned
+  state_dict = torch_io.load_torch_state_dict(DISC_PTH)
+  # The spectral norms' sigma is u . (weight_bar v) of the checkpoint (NumPy, OIHW).
+  for layer in ('l1', 'l2', 'l3', 'l4'):
+    w = state_dict[f'{layer}.0.module.weight_bar'].astype(np.float64)
+    u, v = (state_dict[f'{layer}.0.module.weight_{x}'].astype(np.float64) for x in 'uv')
+    np.testing.assert_allclose(variables['batch_stats'][layer]['sn']['conv/kernel/sigma'],
+                               u @ w.reshape(w.shape[0], -1) @ v, rtol=1e-6)
+    np.testing.assert_array_equal(variables['params'][layer]['conv']['kernel'],
+                                  np.transpose(w, (2, 3, 1, 0)).astype(np.float32))
+  arrays = disc_fixture()
+  x = arrays['disc_input_13x13'].astype(np.float32).repeat(5, axis=1).repeat(5, axis=2)  # 65x65
+  scores, updates = jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))(
+      variables, x)
+  # Scores of about 0.1 from a float32 forward (10 layers, an input BatchNorm): PyTorch's and
+  # ours differ by 9e-8 here (u by 1.2e-7, the running variance by 9e-8 relative); 1e-6 leaves
+  # room for other CPUs, where a wrong key map or transposition moves them by 1e-2 or more.
+  np.testing.assert_allclose(scores, arrays['disc_scores'], rtol=0, atol=1e-6)
+  # And the forward advanced the state as PyTorch's did: u by one power iteration, the BN's
+  # running statistics (PyTorch's unbiased variance).
+  stats = updates['batch_stats']
+  for layer in ('l1', 'l2', 'l3', 'l4'):
+    np.testing.assert_allclose(stats[layer]['sn']['conv/kernel/u'][0],
+                               arrays[f'disc_after/{layer}.0.module.weight_u'], atol=1e-6)
+  for ours, theirs in (('mean', 'running_mean'), ('var', 'running_var')):
+    np.testing.assert_allclose(stats['preprocess_additional'][ours],
+                               arrays[f'disc_after/preprocess_additional.{theirs}'], rtol=1e-6)
+
+
+def test_reference_discriminator_conversion_is_strict():
+  state_dict = torch_io.load_torch_state_dict(DISC_PTH)
+  _, model = convert.load_torch_discriminator(DISC_PTH)
+  target = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 65, 65, 5)),
+                                             train=False))
+  broken = {k: v for k, v in state_dict.items() if k != 'l2.0.module.weight_v'}
+  broken['attn1.extra'] = np.zeros(3, np.float32)
+  broken['last.0.weight'] = np.zeros((1, 16, 3, 3), np.float32)
+  with pytest.raises(convert.ConversionError) as error:
+    convert.convert_discriminator_state_dict(broken, target, source='d.pth')
+  message = str(error.value)
+  assert 'd.pth does not fit the discriminator' in message
+  assert 'l2.0.module.weight_v' in message.split('unexpected')[0]  # missing
+  assert 'attn1.extra' in message and 'last.0.weight: checkpoint (1, 16, 3, 3)' in message
+  # A discriminator given where a segmentation network is expected says what it is.
+  with pytest.raises(convert.ConversionError, match='discriminator.*load_torch_discriminator'):
+    convert.load_torch_variables(DISC_PTH, 'pspnet_resnet18', 5)

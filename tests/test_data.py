@@ -442,19 +442,26 @@ def test_train_resumes_exactly_and_cheaply(street):
   np.testing.assert_array_equal(far['index'], pipeline.epoch_order(4, epoch, 6)[2 * k:2 * k + 2])
 
 
-def test_train_process_slices_are_disjoint_and_cover_the_split(street):
-  indices = []
-  for process_index in range(2):
-    batches = _take(_train(street['data_dir'], batch_size=1, seed=2, process_index=process_index,
-                           process_count=2), 3)  # 3 steps an epoch: (6 // 2) // 1
-    local = [int(b['index'][0]) for b in batches]
-    assert all(i % 2 == process_index for i in local)
-    indices += local
-  assert sorted(indices) == list(range(6))
+def test_processes_yield_their_rows_of_the_one_global_batch(street):
+  """The same global batches, augmentation included, on 1 process and on 2 (any row split)."""
+  one = _take(_train(street['data_dir'], batch_size=2, seed=2), 5)   # 3 steps an epoch: 6 // 2
+  blocks = [_take(_train(street['data_dir'], batch_size=1, seed=2, process_index=p,
+                         process_count=2), 5) for p in range(2)]
+  swapped = [_take(_train(street['data_dir'], batch_size=1, seed=2, process_index=p,
+                          process_count=2, rows=[1 - p]), 5) for p in range(2)]
+  for t in range(5):
+    for key in ('image', 'label', 'index'):
+      np.testing.assert_array_equal(one[t][key], np.concatenate([b[t][key] for b in blocks]))
+      np.testing.assert_array_equal(one[t][key], np.concatenate([b[t][key] for b in swapped[::-1]]))
+  # Each epoch is one permutation of the split, shared by the processes.
+  epoch0 = np.concatenate([b['index'] for b in one[:3]])
+  assert sorted(epoch0.tolist()) == list(range(6))
+  with pytest.raises(ValueError, match=r'rows must be 1 distinct positions in \[0, 2\)'):
+    _train(street['data_dir'], batch_size=1, seed=2, process_count=2, rows=[2])
 
 
 def test_train_rejects_bad_arguments(street):
-  with pytest.raises(ValueError, match='fewer than one batch'):
+  with pytest.raises(ValueError, match='fewer than one global batch'):
     _train(street['data_dir'], batch_size=4, process_count=2)
   with pytest.raises(ValueError, match='unknown normalization'):
     _train(street['data_dir'], normalization='bgr')

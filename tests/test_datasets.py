@@ -367,6 +367,7 @@ def test_prepare_data_dispatches_on_config(prepared, tmp_path):
   manual, data_dir, _ = prepared['camvid']
   config = config_base.base_config()
   config.data.dataset = 'camvid'
+  config.data.num_classes = 11
   config.data.manual_dir = manual
   config.data.tfds_data_dir = data_dir
   assert train.prepare_data(config, tmp_path) == data_dir

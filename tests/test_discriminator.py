@@ -350,17 +350,18 @@ def test_forward_matches_numpy(tiny_variables, train):
   assert scores.shape == (2,) and scores.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(scores), want, rtol=1e-4, atol=1e-5)
   if train:
-    # u advanced by one power iteration; BN running statistics by PyTorch momentum 0.1 (Flax keeps
-    # the biased variance).
+    # u advanced by one power iteration; BN running statistics by PyTorch momentum 0.1, with
+    # PyTorch's unbiased running variance.
     stats = updates['batch_stats']
     for layer, u in new_u.items():
       np.testing.assert_allclose(np.asarray(stats[layer]['sn']['conv/kernel/u'][0]), u,
                                  rtol=1e-4, atol=1e-6)
     old = variables['batch_stats']['preprocess_additional']
+    n = x.size // x.shape[-1]
     np.testing.assert_allclose(np.asarray(stats['preprocess_additional']['mean']),
                                0.9 * old['mean'] + 0.1 * mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(stats['preprocess_additional']['var']),
-                               0.9 * old['var'] + 0.1 * var, rtol=1e-5, atol=1e-6)
+                               0.9 * old['var'] + 0.1 * var * n / (n - 1), rtol=1e-5, atol=1e-6)
 
 
 def test_eval_does_not_update_state(tiny_variables):
@@ -534,3 +535,68 @@ def test_gradients_for_gradient_penalty(tiny_variables):
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(gp))
   # The spectral-norm kernels receive gradients (through the normalised weight and sigma).
   assert np.abs(np.asarray(gp['l1']['conv']['kernel'])).max() > 0
+
+
+def test_reference_backward_takes_sigmas_gradient_from_the_given_vectors(tiny_variables):
+  """sn_backward vectors change only sigma's gradient: to ``g_sigma * u v^T`` of the given ones.
+
+  Checked on one layer against the closed form: for y = sum(c * conv(x, W / sigma)),
+  dL/dW = G / sigma - (sum(G * W) / sigma^2) * u v^T, with G the gradient with respect to the
+  normalised kernel (which does not depend on u, v).
+  """
+  params = tiny_variables['params']['l2']
+  stats = tiny_variables['batch_stats']['l2']
+  layer = SpectralConv(_TINY[1])
+  rng = np.random.default_rng(12)
+  x = rng.normal(size=(2, 16, 16, _TINY[0])).astype(np.float32)
+  c = rng.normal(size=(2, 8, 8, _TINY[1])).astype(np.float32)
+  kernel = np.asarray(params['conv']['kernel'], np.float64)
+  matrix = kernel.reshape(-1, kernel.shape[-1])
+  # Other unit vectors than this call's own (three iterations further on).
+  u0 = np.asarray(stats['sn']['conv/kernel/u'], np.float64)
+  u_own, v_own = (np.asarray(a, np.float64) for a in disc_lib.power_iteration(matrix, u0))
+  given = disc_lib.spectral_vectors_after(tiny_variables['params'], tiny_variables['batch_stats'],
+                                         4)['l2']
+  u_given, v_given = (np.asarray(given['sn'][k], np.float64) for k in ('u', 'v'))
+  assert np.abs(u_given - u_own).max() > 1e-2
+
+  def loss(p, extra):
+    y, _ = layer.apply({'params': p, 'batch_stats': stats, **extra}, x, train=True,
+                       mutable=['batch_stats'])
+    return jnp.sum(y * c)
+
+  grads = {}
+  for name, extra in (('own', {}), ('given', {disc_lib.SN_BACKWARD: given})):
+    value, grads[name] = jax.value_and_grad(loss)(params, extra)
+    grads[name] = np.asarray(grads[name]['conv']['kernel'], np.float64)
+    if name == 'own':
+      own_value = value
+    else:  # the forward is this call's
+      np.testing.assert_allclose(value, own_value, rtol=1e-6)
+  sigma = float((u_own @ matrix.T @ v_own.T)[0, 0])  # u . (W v), the SAGAN sigma
+  # G: the gradient with respect to the normalised kernel, by autodiff of the plain conv.
+  conv = lambda k: jnp.sum(jax.lax.conv_general_dilated(
+      x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')) * c)
+  g = np.asarray(jax.grad(conv)(jnp.asarray(kernel / sigma, jnp.float32)), np.float64)
+  g_sigma = -np.sum(g * kernel) / sigma ** 2
+  for name, (u, v) in (('own', (u_own, v_own)), ('given', (u_given, v_given))):
+    outer = (v.T @ u).reshape(kernel.shape)  # u v^T in the flattened HWIO layout
+    want = g / sigma + g_sigma * outer
+    np.testing.assert_allclose(grads[name], want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
+                               err_msg=name)
+  assert np.abs(grads['own'] - grads['given']).max() > 1e-3 * np.abs(grads['own']).max()
+
+
+def test_spectral_vectors_after_n_calls_are_those_of_the_nth_call(tiny_variables):
+  model = Discriminator(features=_TINY)
+  x = np.random.default_rng(13).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  variables = tiny_variables
+  stats = variables['batch_stats']
+  for _ in range(3):
+    _, updates = _apply(model, dict(variables, batch_stats=stats), x, train=True,
+                        mutable=['batch_stats'])
+    stats = updates['batch_stats']
+  predicted = disc_lib.spectral_vectors_after(variables['params'], variables['batch_stats'], 3)
+  for layer in disc_lib.SPECTRAL_LAYERS:
+    np.testing.assert_allclose(predicted[layer]['sn']['u'], stats[layer]['sn']['conv/kernel/u'],
+                               rtol=1e-5, atol=1e-6)

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from np_reference import np_conv
 from skd_jax import losses
+from skd_jax.models.adapters import ChannelAdapter
 
 RTOL = 1e-5
 
@@ -538,6 +540,209 @@ def test_gradient_penalty_zero_gradient_is_finite():
 
 
 # --------------------------------------------------------------------------------------------------
+# The methods SKD is compared with: logit KD, CWD (and its adapter), DIST.
+# --------------------------------------------------------------------------------------------------
+
+
+def np_softmax(x: np.ndarray) -> np.ndarray:
+  return np.exp(np_log_softmax(np.asarray(x, np.float64)))
+
+
+def np_logit_kd(zs, zt, temperature):
+  """Mean over the pixel rows of KL(p_T || p_S), times T^2, one pixel at a time."""
+  c = zs.shape[-1]
+  rows_s, rows_t = zs.reshape(-1, c) / temperature, zt.reshape(-1, c) / temperature
+  total = 0.0
+  for s, t in zip(rows_s, rows_t):
+    log_ps = s - s.max() - math.log(np.exp(s - s.max()).sum())
+    log_pt = t - t.max() - math.log(np.exp(t - t.max()).sum())
+    total += (np.exp(log_pt) * (log_pt - log_ps)).sum()
+  return total / len(rows_s) * temperature**2
+
+
+def np_logit_kd_grad(zs, zt, temperature):
+  """Closed form of the gradient of T^2 * mean_P KL(p_T || p_S): T (p_S - p_T) / P."""
+  pixels = zs.size // zs.shape[-1]
+  return temperature * (np_softmax(zs / temperature) - np_softmax(zt / temperature)) / pixels
+
+
+def np_cwd(fs, ft, temperature, divisor=None):
+  """CWD one (image, channel) at a time: KL over the H*W positions, / (N * C'), times T^2."""
+  n, _, _, c = fs.shape
+  total = 0.0
+  for i, k in itertools.product(range(n), range(c)):
+    ps = np_softmax(fs[i, :, :, k].ravel() / temperature)
+    pt = np_softmax(ft[i, :, :, k].ravel() / temperature)
+    total += (pt * np.log(pt / ps)).sum()
+  return total / (n * (divisor or c)) * temperature**2
+
+
+def np_cwd_grad(fs, ft, temperature, divisor=None):
+  """Closed form: T (phi_S - phi_T) / (N * C'), phi the softmax over the positions."""
+  n, h, w, c = fs.shape
+  phi = lambda f: np_softmax(f.reshape(n, h * w, c).transpose(0, 2, 1) / temperature)
+  grad = temperature * (phi(fs) - phi(ft)) / (n * (divisor or c))
+  return grad.transpose(0, 2, 1).reshape(fs.shape)
+
+
+def np_dist(zs, zt, temperature=1.0, groups=1):
+  """(inter, intra) with np.corrcoef (no epsilon), one vector pair at a time, per image group."""
+  c = zs.shape[-1]
+  ys = np_softmax(zs / temperature).reshape(groups, -1, c)
+  yt = np_softmax(zt / temperature).reshape(groups, -1, c)
+  corr = lambda u, v: np.corrcoef(u, v)[0, 1]
+  inter = np.mean([corr(s, t) for g in range(groups) for s, t in zip(ys[g], yt[g])])
+  intra = np.mean([corr(ys[g, :, k], yt[g, :, k]) for g in range(groups) for k in range(c)])
+  return (1 - inter) * temperature**2, (1 - intra) * temperature**2
+
+
+def _pair_inputs(seed, shape, scale=1.0):
+  rng = _rng(seed)
+  return tuple((scale * rng.standard_normal(shape)).astype(np.float32) for _ in range(2))
+
+
+# Gradient tolerance of `assert_grad_close` (rtol * (|expected| + max |expected|)): float32 JAX
+# against float64 NumPy. The largest error measured on these inputs, as a fraction of the largest
+# gradient entry, is 3e-7 (KD), 2.5e-7 (CWD), 4.2e-7 (DIST against a float64 central difference)
+# and 5e-7 (the adapter's kernel); 1e-5 leaves a 20x margin.
+GRAD_RTOL = 1e-5
+
+
+@pytest.mark.parametrize('temperature', [1.0, 3.0])
+def test_logit_kd_matches_numpy_value_and_gradient(temperature):
+  zs, zt = _pair_inputs(50, (2, 3, 4, 5), scale=2.0)
+  value, grad = jax.value_and_grad(losses.logit_kd)(jnp.asarray(zs), zt, temperature=temperature)
+  assert value.dtype == jnp.float32
+  np.testing.assert_allclose(value, np_logit_kd(zs, zt, temperature), rtol=RTOL)
+  assert_grad_close(grad, np_logit_kd_grad(zs, zt, temperature), rtol=GRAD_RTOL)
+
+
+def test_logit_kd_closed_forms():
+  zs, zt = _pair_inputs(51, (2, 3, 4, 2), scale=2.0)
+  assert abs(float(losses.logit_kd(zt, zt, temperature=2.0))) < 1e-6
+  # Uniform teacher, two classes: KL(u || softmax((a, b) / T)) = log cosh((a - b) / 2T).
+  uniform = np.full_like(zt, 0.7)
+  for t in (1.0, 2.5):
+    want = t**2 * np.log(np.cosh((zs[..., 0] - zs[..., 1]) / (2 * t))).mean()
+    np.testing.assert_allclose(losses.logit_kd(zs, uniform, temperature=t), want, rtol=RTOL)
+
+
+@pytest.mark.parametrize('temperature,divisor', [(1.0, None), (4.0, None), (4.0, 3)])
+def test_channel_wise_matches_numpy_value_and_gradient(temperature, divisor):
+  fs, ft = _pair_inputs(52, (2, 3, 4, 5), scale=3.0)
+  fn = functools.partial(losses.channel_wise_loss, temperature=temperature,
+                         channel_divisor=divisor)
+  value, grad = jax.value_and_grad(fn)(jnp.asarray(fs), ft)
+  assert value.dtype == jnp.float32
+  np.testing.assert_allclose(value, np_cwd(fs, ft, temperature, divisor), rtol=RTOL)
+  assert_grad_close(grad, np_cwd_grad(fs, ft, temperature, divisor), rtol=GRAD_RTOL)
+
+
+def test_channel_wise_closed_forms():
+  fs, ft = _pair_inputs(53, (3, 1, 2, 4), scale=3.0)
+  assert abs(float(losses.channel_wise_loss(ft, ft))) < 1e-6
+  # A teacher constant over the H*W = 2 positions of every channel: for each (n, c),
+  # KL(u || softmax((x0, x1) / T)) = log cosh((x0 - x1) / 2T); the loss is their sum / (N * C').
+  flat = np.broadcast_to(ft[:, :1, :1], ft.shape)
+  kl = np.log(np.cosh((fs[:, 0, 0] - fs[:, 0, 1]) / (2 * 4.0)))
+  np.testing.assert_allclose(losses.channel_wise_loss(fs, flat), 16 * kl.sum() / (3 * 4),
+                             rtol=RTOL)
+  # CIRKD's divisor: the student's 2 channels before an adapter to these 4 doubles the loss.
+  np.testing.assert_allclose(losses.channel_wise_loss(fs, flat, channel_divisor=2),
+                             16 * kl.sum() / (3 * 2), rtol=RTOL)
+
+
+def test_channel_adapter_init_forward_and_cwd_gradient():
+  cs, ct = 48, 32
+  rng = _rng(54)
+  x = rng.standard_normal((2, 3, 4, cs)).astype(np.float32)
+  adapter = ChannelAdapter(ct)
+  variables = adapter.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, variables) == {'params': {'conv': {'kernel': (1, 1, cs, ct)}}}
+  kernel = np.asarray(variables['params']['conv']['kernel'], np.float64)
+  # PyTorch's fresh Conv2d: U(-1/sqrt(Cs), 1/sqrt(Cs)), standard deviation bound / sqrt(3).
+  bound = 1 / math.sqrt(cs)
+  assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.99 * bound
+  np.testing.assert_allclose(kernel.std(), bound / math.sqrt(3), rtol=0.05)
+  y = adapter.apply(variables, x)
+  np.testing.assert_allclose(y, np_conv(x.astype(np.float64), kernel), rtol=1e-5, atol=1e-5)
+  # CWD on features through the adapter, CIRKD's divisor (the student's Cs): the kernel's gradient
+  # is the chain rule x^T dL/dy with the closed-form dL/dy.
+  ft = rng.standard_normal((2, 3, 4, ct)).astype(np.float32)
+
+  def loss(params):
+    return losses.channel_wise_loss(adapter.apply({'params': params}, x), ft, channel_divisor=cs)
+
+  value, grads = jax.value_and_grad(loss)(variables['params'])
+  y64 = np_conv(x.astype(np.float64), kernel)
+  np.testing.assert_allclose(value, np_cwd(y64, ft, 4.0, cs), rtol=RTOL)
+  dy = np_cwd_grad(y64, ft, 4.0, cs)
+  want = np.einsum('nhwi,nhwo->io', x.astype(np.float64), dy)[None, None]
+  assert_grad_close(grads['conv']['kernel'], want, rtol=GRAD_RTOL)
+
+
+@pytest.mark.parametrize('temperature,groups', [(1.0, 1), (2.0, 1), (1.0, 2)])
+def test_dist_matches_numpy_value_and_gradient(temperature, groups):
+  zs, zt = _pair_inputs(55, (2, 2, 3, 4), scale=2.0)
+  fn = jax.jit(functools.partial(losses.dist_relations, temperature=temperature, groups=groups))
+  inter, intra = fn(zs, zt)
+  want_inter, want_intra = np_dist(zs, zt, temperature, groups)
+  assert inter.dtype == intra.dtype == jnp.float32
+  np.testing.assert_allclose((inter, intra), (want_inter, want_intra), rtol=RTOL)
+  beta, gamma = 0.5, 2.0
+  total = functools.partial(losses.dist_loss, beta=beta, gamma=gamma, temperature=temperature,
+                            groups=groups)
+  np.testing.assert_allclose(total(zs, zt), beta * want_inter + gamma * want_intra, rtol=RTOL)
+  grad = jax.jit(jax.grad(total))(zs, zt)
+  zs64 = zs.astype(np.float64)
+  want_grad = np_finite_diff(
+      lambda z: np.dot((beta, gamma), np_dist(z, zt, temperature, groups)), zs64)
+  assert_grad_close(grad, want_grad, rtol=GRAD_RTOL)
+
+
+def test_dist_groups_change_only_the_intra_class_term():
+  zs, noise = _pair_inputs(56, (4, 2, 3, 4), scale=2.0)
+  zt = zs + noise / 2  # a teacher the student resembles: the correlations are near 0.75.
+  inter1, intra1 = losses.dist_relations(zs, zt)
+  inter4, intra4 = losses.dist_relations(zs, zt, groups=4)
+  np.testing.assert_allclose(inter4, inter1, rtol=RTOL)
+  # Per-image groups give a different intra-class term (0.267 against 0.250 over the batch), so
+  # the grouping in the NumPy comparisons is not vacuous.
+  assert abs(float(intra4) - float(intra1)) > 1e-2
+  np.testing.assert_allclose((inter4, intra4), np_dist(zs, zt, groups=4), rtol=RTOL)
+
+
+def test_dist_closed_forms():
+  zs, zt = _pair_inputs(57, (2, 3, 4, 5), scale=2.0)
+  # Student == teacher: every correlation is 1 up to the 1e-8 epsilon and float32 rounding
+  # (measured: 2.4e-7 here, 1.7e-6 on other draws).
+  for value in losses.dist_relations(zt, zt, temperature=2.0):
+    assert abs(float(value)) < 1e-5
+  # A uniform teacher has zero centred vectors: every correlation is 0, each term is T^2.
+  uniform = np.zeros_like(zt)
+  np.testing.assert_allclose(losses.dist_relations(zs, uniform, temperature=3.0), (9.0, 9.0),
+                             rtol=RTOL)
+  np.testing.assert_allclose(losses.dist_loss(zs, uniform, beta=0.3, gamma=2.0), 2.3, rtol=RTOL)
+  # Two classes: a pixel's centred vector is +-(p - 1/2)(1, -1), so its correlation is the sign
+  # of (s0 - s1)(t0 - t1); logits apart by >= 1 keep the epsilon's effect below 1e-6.
+  rng = _rng(58)
+  gap = rng.choice((-1.0, 1.0), (2, 3, 4)) * (1 + rng.random((2, 3, 4)))
+  s = np.stack([gap, np.zeros_like(gap)], -1)
+  flip = rng.random((2, 3, 4)) < 0.4
+  t = np.where(flip[..., None], s[..., ::-1], 2 * s)
+  inter, _ = losses.dist_relations(s, t)
+  np.testing.assert_allclose(inter, 2 * flip.mean(), rtol=RTOL, atol=1e-6)
+  assert 0 < flip.sum() < flip.size
+
+
+def test_compared_methods_teacher_gets_no_gradient():
+  zs, zt = (jnp.asarray(a) for a in _pair_inputs(59, (2, 3, 4, 5)))
+  for fn in (losses.logit_kd, losses.channel_wise_loss, losses.dist_loss,
+             functools.partial(losses.dist_loss, groups=2)):
+    assert np.all(np.asarray(jax.jit(jax.grad(fn, argnums=1))(zs, zt)) == 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
 # dtypes and errors.
 # --------------------------------------------------------------------------------------------------
 
@@ -564,6 +769,9 @@ def test_bfloat16_inputs_give_float32_losses():
       (losses.hinge_generator_loss(fake), -f32(fake).mean()),
       (losses.gradient_penalty(lambda x: jnp.sum(x, axis=(1, 2, 3)), zs, zt, jax.random.key(0)),
        (math.sqrt(60) - 1)**2),
+      (losses.logit_kd(zs, zt, temperature=2.0), np_logit_kd(f32(zs), f32(zt), 2.0)),
+      (losses.channel_wise_loss(zs, zt), np_cwd(f32(zs), f32(zt), 4.0)),
+      (losses.dist_loss(zs, zt, groups=2), sum(np_dist(f32(zs), f32(zt), groups=2))),
   ]
   for i, (got, want) in enumerate(cases):
     assert got.dtype == jnp.float32, i
@@ -604,6 +812,25 @@ def test_bfloat16_inputs_give_float32_losses():
     (lambda: losses.pair_wise_nodes(np.zeros((4, 4, 3))), 'feat'),
     (lambda: losses.gradient_penalty(lambda x: x.sum(), np.zeros((2, 3)), np.zeros((3, 3)),
                                      jax.random.key(0)), 'real and fake'),
+    (lambda: losses.logit_kd(np.zeros((1, 4, 4, 3)), np.zeros((1, 4, 4, 4))), 'same shape'),
+    (lambda: losses.logit_kd(np.zeros((1, 4, 4, 3)), np.zeros((1, 4, 4, 3)), temperature=-1.0),
+     'temperature'),
+    (lambda: losses.channel_wise_loss(np.zeros((1, 4, 4, 3)), np.zeros((1, 4, 4, 6))),
+     'same shape.*ChannelAdapter'),
+    (lambda: losses.channel_wise_loss(np.zeros((4, 4, 3)), np.zeros((4, 4, 3))), 'student_map'),
+    (lambda: losses.channel_wise_loss(np.zeros((1, 4, 4, 3)), np.zeros((1, 4, 4, 3)),
+                                      temperature=0.0), 'temperature'),
+    (lambda: losses.channel_wise_loss(np.zeros((1, 4, 4, 3)), np.zeros((1, 4, 4, 3)),
+                                      channel_divisor=0), 'channel_divisor'),
+    (lambda: losses.channel_wise_loss(np.zeros((1, 4, 4, 3)), np.zeros((1, 4, 4, 3)),
+                                      channel_divisor=2.0), 'channel_divisor'),
+    (lambda: losses.dist_loss(np.zeros((2, 4, 4, 3)), np.zeros((2, 4, 5, 3))), 'same shape'),
+    (lambda: losses.dist_loss(np.zeros((2, 4, 4, 3)), np.zeros((2, 4, 4, 3)), groups=3),
+     'groups must be a positive int dividing the batch size 2'),
+    (lambda: losses.dist_relations(np.zeros((2, 4, 4, 3)), np.zeros((2, 4, 4, 3)), groups=0),
+     'groups'),
+    (lambda: losses.dist_relations(np.zeros((2, 4, 4, 3)), np.zeros((2, 4, 4, 3)),
+                                   temperature=0.0), 'temperature'),
 ])
 def test_errors(call, match):
   with pytest.raises(ValueError, match=match):

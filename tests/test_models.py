@@ -285,3 +285,47 @@ def test_unknown_remat_policy_lists_the_policies():
   model = create_segmenter('pspnet_resnet18', 5, width_multiplier=1 / 16, remat='everything')
   with pytest.raises(ValueError, match="remat must be one of .*'nothing_saveable'"):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+
+
+def head_outputs(seed: int, **overrides):
+  """Train-mode (logits, aux logits, head feature) of one fixed tiny PSPNet under dropout `seed`."""
+  model = create_segmenter('pspnet_resnet18', 5, width_multiplier=1 / 8, **overrides)
+  images = jax.random.normal(jax.random.key(1), (2, 48, 48, 3))
+  variables = model.init(jax.random.key(0), images, train=False)  # the same for any rate
+  (logits, aux, feats), _ = model.apply(variables, images, train=True, mutable=['batch_stats'],
+                                        rngs={'dropout': jax.random.key(seed)})
+  return np.asarray(logits), np.asarray(aux), np.asarray(feats['head'])
+
+
+def test_dropout_rates_are_overrides():
+  """head_dropout / aux_dropout set the rates; 0 makes the train-mode forward deterministic."""
+  logits, aux, feature = head_outputs(3, head_dropout=0.0, aux_dropout=0.0)
+  other = head_outputs(4, head_dropout=0.0, aux_dropout=0.0)
+  for a, b in zip((logits, aux, feature), other):
+    np.testing.assert_array_equal(a, b)
+  assert not np.any(np.all(feature == 0, axis=(1, 2)))
+  # The reference's 0.1 (the default) and 0.5 drop whole channels of that same feature and
+  # scale the others by 1 / (1 - rate).
+  for rate in (0.1, 0.5):
+    _, dropped_aux, dropped = head_outputs(3, head_dropout=rate)
+    kept = np.any(dropped != 0, axis=(1, 2), keepdims=True)  # [N, 1, 1, C]
+    np.testing.assert_allclose(dropped, np.where(kept, feature / (1 - rate), 0), rtol=1e-5,
+                               atol=1e-6)
+    assert 0 < np.mean(~kept) < 2 * rate + 0.1
+    assert not np.array_equal(dropped_aux, aux)  # the aux head's default 0.1
+
+
+def test_dropout_is_settable_from_the_command_line(monkeypatch):
+  """As skd_jax.main parses it (config_flags reads the overrides from sys.argv)."""
+  from absl import flags
+  from ml_collections import config_flags
+  from skd_jax import train
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values,
+                                  lock_config=True)
+  argv = ['main', f'--config={pathlib.Path(__file__).parents[1] / "configs" / "test.py"}',
+          '--config.student.overrides.head_dropout=0', '--config.student.overrides.aux_dropout=0']
+  monkeypatch.setattr('sys.argv', argv)
+  flag_values(argv)
+  model = train.student_model(flag_values.config)
+  assert (model.head_dropout, model.aux_dropout, model.width_multiplier) == (0.0, 0.0, 1 / 16)

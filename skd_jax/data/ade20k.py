@@ -116,4 +116,4 @@ class Ade20k(datasets.SegmentationBuilder):
 
 
 DATASET = datasets.Dataset(info=ADE20K, builder_name=Ade20k.name, label_lut=LABEL_TO_TRAIN_ID,
-                           check_manual_dir=find_examples)
+                           check_manual_dir=find_examples, void_values=(0,))  # 'other'

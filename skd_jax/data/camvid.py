@@ -81,4 +81,4 @@ class Camvid(datasets.SegmentationBuilder):
 
 
 DATASET = datasets.Dataset(info=CAMVID, builder_name=Camvid.name, label_lut=LABEL_TO_TRAIN_ID,
-                           check_manual_dir=find_examples)
+                           check_manual_dir=find_examples, void_values=(11,))  # void

@@ -53,6 +53,12 @@ class Dataset:
       in a manual directory, and where it was searched (its return value is ignored).
     image_key, label_key, id_key: feature names of the encoded image, the encoded label map and
       the image id in the builder's examples.
+    void_values: stored label values that the dataset's table lists and ignores on purpose
+      (Cityscapes' void classes, VOC's 255 borders, ...); with those of `label_lut`'s classes
+      they are the values its labels may hold (`known_values`).
+    source_files: (manual directory, tfds split, image id) -> where the image and the label map
+      of an example came from (a file, or ``archive.zip:member``), for messages; None: the
+      paths of the pairs that `check_manual_dir` returns.
   """
   info: DatasetInfo
   builder_name: str
@@ -61,6 +67,28 @@ class Dataset:
   image_key: str = 'image'
   label_key: str = 'label'
   id_key: str = 'image_id'
+  void_values: tuple[int, ...] = ()
+  source_files: Callable[[str, str, str], tuple[str, str]] | None = None
+
+  def known_values(self) -> np.ndarray:
+    """[256] bool: the stored label values of the dataset's table (classes and void)."""
+    known = self.label_lut != IGNORE_LABEL
+    known[list(self.void_values)] = True
+    return known
+
+  def sources(self, manual_dir: str) -> Callable[[str, str], tuple[str, str]]:
+    """(tfds split, image id) -> (image source, label source); the id itself if not found."""
+    if self.source_files is not None:
+      return functools.partial(self.source_files, manual_dir)
+    try:
+      by_split = self.check_manual_dir(manual_dir) or {}
+      pairs = {(split, pair.image_id): (pair.image_path, pair.label_path)
+               for split, split_pairs in by_split.items() for pair in split_pairs}
+    except (OSError, ValueError):   # the downloads have moved since preparation
+      pairs = {}
+    unknown = lambda split, image_id: (f'image {image_id} of split {split}',
+                                       f'label map of {image_id} of split {split}')
+    return lambda split, image_id: pairs.get((split, image_id)) or unknown(split, image_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +300,16 @@ def _check_cityscapes(manual_dir: str) -> None:
   pipeline.check_manual_dir(manual_dir)
 
 
+def _cityscapes_sources(manual_dir: str, split: str, image_id: str) -> tuple[str, str]:
+  # The tfds builder's file naming: <top>/<split>/<city>/<city>_<seq>_<frame>_<suffix>.png.
+  folder = {'validation': 'val'}.get(split, split)
+  stem = f'{folder}/{image_id.split("_")[0]}/{image_id}'
+  return (f'{os.path.join(manual_dir, "leftImg8bit_trainvaltest.zip")}:'
+          f'leftImg8bit/{stem}_leftImg8bit.png',
+          f'{os.path.join(manual_dir, "gtFine_trainvaltest.zip")}:'
+          f'gtFine/{stem}_gtFine_labelIds.png')
+
+
 @functools.cache
 def _registry() -> dict[str, Dataset]:
   # Imported on first use: those modules build on the helpers above.
@@ -280,7 +318,10 @@ def _registry() -> dict[str, Dataset]:
   citys = Dataset(
       info=cityscapes.CITYSCAPES, builder_name='cityscapes/semantic_segmentation',
       label_lut=cityscapes.LABEL_ID_TO_TRAIN_ID, check_manual_dir=_check_cityscapes,
-      image_key='image_left', label_key='segmentation_label')
+      image_key='image_left', label_key='segmentation_label',
+      void_values=tuple(sorted(i for i in cityscapes.LABEL_IDS.values()
+                               if i >= 0 and cityscapes.LABEL_ID_TO_TRAIN_ID[i] == IGNORE_LABEL)),
+      source_files=_cityscapes_sources)
   return {spec.info.name: spec for spec in (citys, camvid.DATASET, voc.DATASET, ade20k.DATASET)}
 
 

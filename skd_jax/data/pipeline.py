@@ -10,18 +10,22 @@ read as they are (`tfds.decode.SkipDecoding`) and decoded here, images with `tf.
 (which reads PNG too, and decodes JPEG with the accurate IDCT, as PIL and OpenCV do), label maps
 with `tf.io.decode_png`; the dataset's lookup table turns the stored label values into train ids.
 
-Training stream, a pure function of (seed, step) -- and of the split size, the batch size, the
-process index and count:
+Training stream: the global batch of step t, and the augmentation of each of its examples, are a
+pure function of (seed, t, position in the global batch) -- and of the split size and the global
+batch size G, but not of how many processes or devices share the work:
 
-  * process p of P owns the examples with index i % P == p (disjoint, together the whole split);
-  * every process runs the same S = (N // P) // B steps per epoch, B the per-process batch; each
-    epoch, process p draws a fresh permutation of its examples from (seed, epoch, p) and takes the
-    first S * B of it (so which examples an epoch leaves out changes from epoch to epoch, and
-    never depends on where a run was resumed);
-  * step t is batch t % S of epoch t // S; the augmentation of an example (scale, crop position,
-    flip) is drawn from (seed, epoch, example index).
+  * an epoch is S = N // G steps; each epoch draws a permutation of the whole split from
+    (seed, epoch) and takes its first S * G examples (so which examples an epoch leaves out
+    changes from epoch to epoch, and never depends on where a run was resumed);
+  * step t is batch t % S of epoch t // S: position j of its global batch is example
+    permutation[(t % S) * G + j]; the augmentation of an example (scale, crop position, flip) is
+    drawn from (seed, epoch, example index);
+  * each process yields its rows of that global batch (`rows`: by default process p of P the
+    block [p * B, (p + 1) * B), B = G / P; `skd_jax.sharding.process_rows` gives the rows a
+    mesh's devices hold).
 
-So `start_step=s` starts the same stream at batch s, at the cost of one permutation of the local
+So 1 process, 8 devices and 2 processes of 4 devices train on the same batches, and
+`start_step=s` starts the same stream at batch s, at the cost of one permutation of the split's
 indices: nothing before it is read or decoded.
 
 The iterators are `NumpyIterator`s: close them (or use them in a `with` block) to stop their
@@ -41,7 +45,7 @@ import shutil
 import tempfile
 import weakref
 import zipfile
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -250,14 +254,49 @@ def image_sizes(data_dir: str, split: str, dataset: str = 'cityscapes') -> dict 
 
 
 def steps_per_epoch(num_examples_in_split: int, batch_size: int, process_count: int = 1) -> int:
-  """Training steps per epoch: every process takes the same number of full local batches."""
-  return (num_examples_in_split // process_count) // batch_size
+  """Training steps per epoch: full global batches of `batch_size` * `process_count` examples."""
+  return num_examples_in_split // (batch_size * process_count)
 
 
 def num_eval_batches(num_examples_in_split: int, batch_size: int, process_count: int = 1) -> int:
   """Batches of one evaluation pass, the same for every process (short ones are padded)."""
   per_process = -(-num_examples_in_split // process_count)
   return -(-per_process // batch_size)
+
+
+def split_name(split: str) -> str:
+  """The tfds name of the whole split that `split` (a config's 'val', 'train[:100]', ...) is of."""
+  return _tfds_split(split).split('[')[0]
+
+
+def encoded_examples(data_dir: str, split: str, dataset: str = 'cityscapes'
+                     ) -> Iterator[tuple[str, bytes, bytes]]:
+  """(image id, encoded image, encoded label map) of each example of a prepared split, in turn."""
+  builder = _prepared_builder(data_dir, dataset)
+  spec = datasets.get(dataset)
+  split = _tfds_split(split)
+  if 'array_record' in _file_formats(builder):
+    source = builder.as_data_source(split, decoders=_skip_decoding(spec))
+    examples = (source[i] for i in range(len(source)))
+  else:
+    examples = builder.as_dataset(split=split, decoders=_skip_decoding(spec),
+                                  shuffle_files=False).as_numpy_iterator()
+  for example in examples:
+    image_id = example[spec.id_key]
+    yield (image_id.decode() if isinstance(image_id, bytes) else str(image_id),
+           example[spec.image_key], example[spec.label_key])
+
+
+def decode_image(image_bytes: bytes) -> np.ndarray:
+  """What training and evaluation decode from an encoded image: [H, W, 3] uint8 RGB. Raises
+  `tf.errors.InvalidArgumentError` for a damaged file."""
+  return _decode_image(tf.constant(image_bytes)).numpy()
+
+
+def decode_label(label_png: bytes) -> np.ndarray:
+  """What training and evaluation decode from an encoded label map: the stored values [H, W]
+  uint8. Raises `tf.errors.InvalidArgumentError` for a damaged file."""
+  return _decode_label(tf.constant(label_png)).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,11 +361,14 @@ def _open_source(data_dir: str, split: str, keep: Callable[[int], bool],
   builder = _prepared_builder(data_dir, dataset)
   spec = datasets.get(dataset)
   split = _tfds_split(split)
-  formats = {f.value for f in builder.info.available_file_formats()} | {
-      builder.info.file_format.value}
-  if 'array_record' in formats:
+  if 'array_record' in _file_formats(builder):
     return _ArrayRecordSource(builder, split, spec)
   return _InMemorySource(builder, split, keep, spec)
+
+
+def _file_formats(builder: tfds.core.DatasetBuilder) -> set[str]:
+  return {f.value for f in builder.info.available_file_formats()} | {
+      builder.info.file_format.value}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,13 +436,21 @@ def _fetch(source: _Source, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   return image_png, label_png
 
 
-def _decode(image_bytes: tf.Tensor, label_png: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """Encoded image (PNG or JPEG), label PNG -> image [H, W, 3] uint8 RGB, raw ids [H, W] uint8."""
+def _decode_image(image_bytes: tf.Tensor) -> tf.Tensor:
+  """Encoded image (PNG or JPEG) -> [H, W, 3] uint8 RGB."""
   # decode_jpeg reads PNGs too; for JPEGs, the accurate IDCT gives PIL's and OpenCV's pixels
   # (TensorFlow's default, the fast one, differs from them by up to a few levels).
-  image = tf.io.decode_jpeg(image_bytes, channels=3, dct_method='INTEGER_ACCURATE')
-  label_ids = tf.io.decode_png(label_png, channels=1)[..., 0]
-  return image, label_ids
+  return tf.io.decode_jpeg(image_bytes, channels=3, dct_method='INTEGER_ACCURATE')
+
+
+def _decode_label(label_png: tf.Tensor) -> tf.Tensor:
+  """Label PNG -> raw ids [H, W] uint8."""
+  return tf.io.decode_png(label_png, channels=1)[..., 0]
+
+
+def _decode(image_bytes: tf.Tensor, label_png: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """Encoded image (PNG or JPEG), label PNG -> image [H, W, 3] uint8 RGB, raw ids [H, W] uint8."""
+  return _decode_image(image_bytes), _decode_label(label_png)
 
 
 def _to_train_ids(label_ids: tf.Tensor,
@@ -493,15 +543,13 @@ def _entropy(seed: int) -> int:
   return int(seed) % (1 << 64)
 
 
-def epoch_order(seed: int, epoch: int, num_examples_in_split: int, process_index: int = 0,
-                process_count: int = 1) -> np.ndarray:
-  """Example indices [n_local] of process `process_index` in epoch `epoch`, in stream order.
+def epoch_order(seed: int, epoch: int, num_examples_in_split: int) -> np.ndarray:
+  """Example indices [N] of epoch `epoch` in stream order, whatever the process count.
 
-  The first `steps_per_epoch(...) * batch_size` of them are the epoch's examples.
+  The first `steps_per_epoch(...) * global batch size` of them are the epoch's examples.
   """
-  local = np.arange(process_index, num_examples_in_split, process_count, dtype=np.int64)
-  rng = np.random.default_rng([_entropy(seed), 1, epoch, process_index])
-  return local[rng.permutation(local.shape[0])]
+  rng = np.random.default_rng([_entropy(seed), 1, epoch])
+  return rng.permutation(num_examples_in_split).astype(np.int64)
 
 
 def augmentation_params(seed: int, epoch: int, index: int, *, scales: Sequence[float] | None,
@@ -538,22 +586,38 @@ def _check_process(process_index: int, process_count: int):
     raise ValueError(f'process_index {process_index} not in [0, {process_count})')
 
 
+def _global_rows(rows: Sequence[int] | None, batch_size: int, process_index: int,
+                 process_count: int) -> np.ndarray:
+  """This process's positions [batch_size] in the global batch of batch_size * process_count."""
+  if rows is None:
+    return np.arange(process_index * batch_size, (process_index + 1) * batch_size)
+  rows = np.asarray(rows, np.int64)
+  size = batch_size * process_count
+  if rows.shape != (batch_size,) or rows.min() < 0 or rows.max() >= size or len(
+      set(rows.tolist())) != batch_size:
+    raise ValueError(f'rows must be {batch_size} distinct positions in [0, {size}), got '
+                     f'{rows.tolist()}')
+  return rows
+
+
 def make_train_iterator(*, data_dir: str, split: str = 'train', batch_size: int,
                         crop_size: int | Sequence[int], scales: Sequence[float] | None,
                         flip: bool, normalization: str, seed: int, start_step: int = 0,
                         process_index: int = 0, process_count: int = 1,
+                        rows: Sequence[int] | None = None,
                         scale_range: tuple[float, float] | None = None,
                         include_index: bool = False,
                         prefetch: int = 2, dataset: str = 'cityscapes') -> NumpyIterator:
-  """Infinite iterator over augmented training batches of this process.
+  """Infinite iterator over this process's rows of the augmented global training batches.
 
-  The stream is a pure function of (seed, step) (see the module docstring); `start_step=s` yields
-  exactly what a fresh iterator yields from its s-th batch (0-based) on, reading nothing before.
+  The stream is a pure function of (seed, step, position in the global batch) (see the module
+  docstring); `start_step=s` yields exactly what a fresh iterator yields from its s-th batch
+  (0-based) on, reading nothing before.
 
   Args:
     data_dir: tfds data directory with the dataset prepared (`prepare_dataset`).
     split: tfds split ('train', 'val', a slice like 'train[:100]', ...).
-    batch_size: per-process batch size B.
+    batch_size: per-process batch size B (the global batch is B * process_count).
     crop_size: crop (height, width), or an int for a square crop.
     scales: random scale drawn uniformly from this list (reference: 0.7, 0.8, ..., 2.1); None or
       empty with no `scale_range`: no scaling.
@@ -562,6 +626,8 @@ def make_train_iterator(*, data_dir: str, split: str = 'train', batch_size: int,
     seed: data seed.
     start_step: the first step to yield.
     process_index, process_count: this process's place (jax.process_index(), jax.process_count()).
+    rows: the B positions of the global batch this process yields, in order (default: block
+      `process_index`; `skd_jax.sharding.process_rows` for a mesh).
     scale_range: (min, max): scale drawn uniformly from this range instead of from `scales`.
     include_index: also yield 'index' [B] int32, the example indices (for tests and debugging).
     prefetch: batches prepared ahead.
@@ -578,28 +644,31 @@ def make_train_iterator(*, data_dir: str, split: str = 'train', batch_size: int,
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}')
   _check_process(process_index, process_count)
+  rows = _global_rows(rows, batch_size, process_index, process_count)
+  global_batch = batch_size * process_count
   crop = _pair(crop_size)
   scales = tuple(float(s) for s in scales) if scales else None
   scale_range = tuple(float(s) for s in scale_range) if scale_range is not None else None
-  source = _open_source(data_dir, split, lambda i: i % process_count == process_index, dataset)
+  # Any example may fall in this process's rows.
+  source = _open_source(data_dir, split, lambda i: True, dataset)
   label_lut = datasets.get(dataset).label_lut
   total = len(source)
   per_epoch = steps_per_epoch(total, batch_size, process_count)
   if per_epoch < 1:
     raise ValueError(
-        f'split {split!r} of {data_dir} has {total} examples: fewer than one batch of '
-        f'{batch_size} per process for {process_count} process(es)')
+        f'split {split!r} of {data_dir} has {total} examples: fewer than one global batch of '
+        f'{global_batch} ({batch_size} per process for {process_count} process(es))')
 
   # Permutations of the last few epochs: a batch never spans more than two.
   order_of_epoch = functools.lru_cache(maxsize=4)(
-      lambda epoch: epoch_order(seed, epoch, total, process_index, process_count))
+      lambda epoch: epoch_order(seed, epoch, total))
 
   def plan(position):
-    # Position p of the stream (p = step * B + slot) in index space: which example, and how it
-    # is augmented. A pure function of p; nothing before p is ever computed.
+    # Position p of this process's stream (p = step * B + slot) in index space: which example,
+    # and how it is augmented. A pure function of p; nothing before p is ever computed.
     step, slot = divmod(int(position), batch_size)
     epoch, k = divmod(step, per_epoch)
-    index = int(order_of_epoch(epoch)[k * batch_size + slot])
+    index = int(order_of_epoch(epoch)[k * global_batch + rows[slot]])
     scale, offset_y, offset_x, do_flip = augmentation_params(
         seed, epoch, index, scales=scales, scale_range=scale_range, flip=flip)
     return (np.int64(index), np.float32(scale), np.float32(offset_y), np.float32(offset_x),
@@ -750,7 +819,8 @@ def dataset_info(name: str = 'cityscapes') -> cityscapes.DatasetInfo:
 __all__ = [
     'CAFFE_BGR_MEAN', 'CITYSCAPES_BUILDER', 'IMAGENET_RGB_MEAN', 'IMAGENET_RGB_STD',
     'NORMALIZATIONS', 'NumpyIterator', 'augmentation_params', 'check_manual_dir', 'dataset_info',
-    'epoch_order', 'eval_pad_size', 'image_sizes',
+    'decode_image', 'decode_label', 'encoded_examples', 'epoch_order', 'eval_pad_size',
+    'image_sizes',
     'make_eval_iterator', 'make_train_iterator', 'normalize', 'num_eval_batches', 'num_examples',
-    'prepare_cityscapes', 'prepare_dataset', 'steps_per_epoch',
+    'prepare_cityscapes', 'prepare_dataset', 'split_name', 'steps_per_epoch',
 ]

@@ -132,4 +132,4 @@ class Voc2012Aug(datasets.SegmentationBuilder):
 
 
 DATASET = datasets.Dataset(info=VOC, builder_name=Voc2012Aug.name, label_lut=LABEL_TO_TRAIN_ID,
-                           check_manual_dir=find_examples)
+                           check_manual_dir=find_examples, void_values=(255,))  # object borders

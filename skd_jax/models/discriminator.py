@@ -23,9 +23,10 @@ per side work.
 
 Variable names follow the reference's PyTorch ``state_dict`` (``l1.0.module.weight_bar`` ->
 ``params/l1/conv/kernel``, ``attn1.query_conv.weight`` -> ``params/attn1/query_conv/kernel``, ...),
-kernels transposed from OIHW to HWIO. Spectral normalisation is Flax's `nn.SpectralNorm`, which
-keeps the power-iteration vector ``u`` ([1, out], the reference's ``weight_u``) and the last
-``sigma`` in the ``batch_stats`` collection, beside the BatchNorm statistics. The reference also
+kernels transposed from OIHW to HWIO (`skd_jax.convert.convert_discriminator_state_dict` maps
+them). Spectral normalisation (`SpectralConv`) keeps the power-iteration vector ``u`` ([1, out],
+the reference's ``weight_u``) and the last ``sigma`` in the ``batch_stats`` collection, beside the
+BatchNorm statistics, under the names Flax's `nn.SpectralNorm` gives them. The reference also
 stores ``weight_v``, but every forward recomputes v from u before using it, so u alone carries the
 state and loading ``weight_u`` reproduces the reference exactly.
 """
@@ -40,6 +41,7 @@ import flax.linen as nn
 import numpy as np
 
 from skd_jax import ops
+from skd_jax.models.layers import BatchNorm
 
 Dtype = Any
 
@@ -47,6 +49,10 @@ Dtype = Any
 _BN_MOMENTUM = 0.9
 _BN_EPS = 1e-5
 _LEAKY_SLOPE = 0.1
+_SN_EPS = 1e-12  # SAGAN's l2normalize: v / (||v|| + eps)
+
+# The collection of `SpectralConv`'s optional backward vectors (see there).
+SN_BACKWARD = 'sn_backward'
 
 # The four downsampling convs and the final conv, as (kernel, stride, padding) per spatial axis.
 _DOWN = (4, 2, 1)
@@ -105,26 +111,89 @@ def _conv(features: int, kernel: int, stride: int, padding: int, fan_in: int, dt
                  bias_init=torch_bias_init(fan_in), name=name)
 
 
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  return x / (jnp.linalg.norm(x) + _SN_EPS)
+
+
+def power_iteration(matrix: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One power iteration of SAGAN's ``SpectralNorm._update_u_v``: ``v = W^T u``, ``u = W v``.
+
+  Args:
+    matrix: [kh*kw*in, out] the flattened HWIO kernel (the transpose, up to a row permutation,
+      of PyTorch's ``weight.view(out, -1)``; sigma, u and the normalised kernel are the same).
+    u: [1, out] the current estimate of the left singular vector (need not be normalised).
+
+  Returns:
+    (u, v): [1, out] and [1, kh*kw*in], unit vectors (``x / (||x|| + 1e-12)``, as SAGAN's).
+  """
+  v = _l2_normalize(u @ matrix.T)
+  return _l2_normalize(v @ matrix), v
+
+
+def _sigma(matrix: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
+  """SAGAN's ``sigma = u . (W v)``, a scalar."""
+  return (v @ matrix @ u.T)[0, 0]
+
+
+class _ConvWeights(nn.Module):
+  """A conv's kernel [k, k, in, out] and bias [out], PyTorch's default init (nn.Conv's names)."""
+
+  features: int
+  kernel_size: int
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+    k = self.kernel_size
+    fan_in = k * k * in_features
+    kernel = self.param('kernel', torch_kernel_init(), (k, k, in_features, self.features),
+                        jnp.float32)
+    bias = self.param('bias', torch_bias_init(fan_in), (self.features,), jnp.float32)
+    return kernel, bias
+
+
+class _SpectralNorm(nn.Module):
+  """``kernel / sigma(kernel)``, sigma from one power iteration per call; its state in batch_stats.
+
+  The variable names are those of Flax's ``nn.SpectralNorm`` around a layer named ``conv``.
+  """
+
+  @nn.compact
+  def __call__(self, kernel: jax.Array, update_stats: bool) -> jax.Array:
+    matrix = kernel.reshape(-1, kernel.shape[-1])
+    u_var = self.variable('batch_stats', 'conv/kernel/u', lambda: jax.random.normal(
+        self.make_rng('params'), (1, matrix.shape[-1]), jnp.float32))
+    sigma_var = self.variable('batch_stats', 'conv/kernel/sigma', jnp.ones, (), jnp.float32)
+    u, v = jax.lax.stop_gradient(power_iteration(matrix, u_var.value))
+    sigma = _sigma(matrix, u, v)
+    if self.has_variable(SN_BACKWARD, 'u'):
+      # The reference's backward: sigma's value from this call's vectors, its gradient
+      # (u v^T) from the given ones.
+      backward_sigma = _sigma(matrix, jax.lax.stop_gradient(self.get_variable(SN_BACKWARD, 'u')),
+                              jax.lax.stop_gradient(self.get_variable(SN_BACKWARD, 'v')))
+      sigma = jax.lax.stop_gradient(sigma - backward_sigma) + backward_sigma
+    if update_stats:
+      u_var.value, sigma_var.value = u, sigma
+    return kernel / jnp.where(sigma != 0, sigma, 1.0)
+
+
 class SpectralConv(nn.Module):
   """Spectral-norm conv 4x4 stride 2 pad 1 with bias (the reference's ``SpectralNorm(Conv2d)``).
 
   The kernel is divided by its largest singular value, estimated by one power iteration per call
-  from the stored vector ``u``; the bias is not normalised. Flax flattens the HWIO kernel to
-  [kh*kw*in, out], the transpose (up to a row permutation) of the reference's [out, in*kh*kw], so
-  sigma, u and the normalised kernel are the same. Gradients flow through sigma but not through u
-  and v, as in the reference.
+  from the stored vector ``u`` (`power_iteration`, SAGAN's formulas); the bias is not normalised.
+  Gradients flow through sigma but not through u and v, as in the reference.
 
   With ``train=True`` the new u (and sigma) are written to ``batch_stats`` (apply with
   ``mutable=['batch_stats']``). With ``train=False`` the iteration still runs from the stored u but
   is not written back, so evaluation is deterministic; the reference advances u on every forward,
   evaluation included.
 
-  Initialise through `init_variables`, not ``Discriminator.init`` alone: during ``init`` Flax's
-  SpectralNorm writes the once-normalised kernel back into ``params`` (largest singular value
-  about 1 to 1.5, where PyTorch's raw init has about 0.8 at the reference widths). The forward
-  would not care (``W / sigma(W)`` does not depend on the scale of W), but the gradient with
-  respect to the stored kernel scales as 1 / ||W||, so the first SGD steps would be smaller than
-  the reference's.
+  The gradient through sigma is ``u v^T`` of this call's vectors: the intended gradient, and the
+  default. The reference's ``SpectralNorm`` reassigns u and v in place, on the very tensors that
+  earlier forwards saved for their backward, so every backward of its step uses the step's LAST
+  u, v instead (README, faithfulness notes). Given a collection `SN_BACKWARD` holding ``u`` [1,
+  out] and ``v`` [1, kh*kw*in] for this layer (`spectral_vectors_after` computes them), sigma's
+  gradient uses those: the reference's behaviour, ``disc.sn_backward='last'``.
 
   Attributes:
     features: output channels.
@@ -137,10 +206,14 @@ class SpectralConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """[N, H, W, Cin] -> [N, floor(H / 2), floor(W / 2), features]."""
-    kernel, stride, padding = _DOWN
-    fan_in = kernel * kernel * x.shape[-1]
-    conv = _conv(self.features, kernel, stride, padding, fan_in, self.dtype, name='conv')
-    return nn.SpectralNorm(conv, n_steps=1, name='sn')(x, update_stats=train)
+    kernel_size, stride, padding = _DOWN
+    kernel, bias = _ConvWeights(self.features, kernel_size, name='conv')(x.shape[-1])
+    kernel = _SpectralNorm(name='sn')(kernel, update_stats=train)
+    # Explicit symmetric padding as in PyTorch (see `_conv`).
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), (stride, stride),
+        ((padding, padding), (padding, padding)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y + bias.astype(self.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -184,9 +257,10 @@ class Discriminator(nn.Module):
     the raw logits [N, H, W, C] go through a BatchNorm over the C channels
     (``preprocess_additional``; eps 1e-5, PyTorch momentum 0.1). In train mode it normalises with
     the statistics of the batch given to this call, so scoring the student's and the teacher's
-    maps in separate calls normalises each with its own statistics, as the reference does. Flax
-    keeps the biased batch variance as its running variance (PyTorch keeps the unbiased one); only
-    eval mode reads it.
+    maps in separate calls normalises each with its own statistics, as the reference does. Its
+    running statistics are PyTorch's (unbiased running variance, as every BatchNorm here), so a
+    reference checkpoint's ``running_var`` means the same; only eval mode reads them, and neither
+    the reference's training nor ours runs the discriminator in eval mode.
   - ``image_conditioned=True`` (the paper, and the CVPR branch of the reference code): the input is
     ``concat([softmax(logits), resize(image)])`` over channels, C + 3 of them, the image resized
     bilinearly (align_corners=True) to the logits' H x W. The logits are NOT batch-normalised in
@@ -255,10 +329,8 @@ class Discriminator(nn.Module):
     else:
       if image is not None:
         raise ValueError('image given but image_conditioned=False')
-      x = nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPS,
-                       use_fast_variance=False,  # two-pass: E[x^2] - E[x]^2 cancels in float32
-                       dtype=self.dtype, param_dtype=jnp.float32,
-                       name='preprocess_additional')(logits)
+      x = BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPS,
+                    dtype=self.dtype, name='preprocess_additional')(logits)
 
     f1, f2, f3, f4 = self.features
     x = nn.leaky_relu(SpectralConv(f1, self.dtype, name='l1')(x, train=train), _LEAKY_SLOPE)
@@ -276,15 +348,38 @@ class Discriminator(nn.Module):
 SPECTRAL_LAYERS = ('l1', 'l2', 'l3', 'l4')
 
 
+def spectral_vectors_after(params: dict[str, Any], batch_stats: dict[str, Any],
+                           num_calls: int) -> dict[str, Any]:
+  """The `SN_BACKWARD` collection of the reference's backward: every layer's (u, v) after
+  `num_calls` more train-mode calls from the ``u`` in `batch_stats`, with `params` fixed.
+
+  The power iteration depends on the kernel and the previous u only, so the vectors of a step's
+  last discriminator call are known before its first. Returns ``{layer: {'sn': {'u', 'v'}}}``
+  (gradient stopped).
+  """
+  if num_calls < 1:
+    raise ValueError(f'num_calls must be at least 1, got {num_calls}')
+  vectors = {}
+  for layer in SPECTRAL_LAYERS:
+    kernel = params[layer]['conv']['kernel']
+    matrix = kernel.reshape(-1, kernel.shape[-1])
+    u = batch_stats[layer]['sn']['conv/kernel/u']
+    for _ in range(num_calls):
+      u, v = power_iteration(matrix, u)
+    vectors[layer] = {'sn': {'u': u, 'v': v}}
+  return jax.lax.stop_gradient(vectors)
+
+
 def init_variables(model: Discriminator, rng: jax.Array, logits: jax.Array,
                    image: jax.Array | None = None) -> dict[str, Any]:
-  """``model.init`` with the spectral-norm kernels stored raw, as the reference initialises them.
+  """``model.init``, its spectral-norm kernels drawn from their own key.
 
   The reference (SAGAN's ``SpectralNorm``) keeps the raw PyTorch-initialised weight
-  (``weight_bar``, U(-1/sqrt(fan_in), 1/sqrt(fan_in))) and a random unit ``u``; Flax's init stores
-  the kernel divided by one power-iteration estimate of its sigma instead (see `SpectralConv`).
-  Each l1..l4 kernel is therefore drawn again from the PyTorch init; the stored u, computed for the
-  replaced kernel, is then as good as the reference's random start.
+  (``weight_bar``, U(-1/sqrt(fan_in), 1/sqrt(fan_in))) and a random ``u``, as ``model.init``
+  does. Each l1..l4 kernel is drawn again here from `rng`'s second half, as since the first
+  version (Flax's ``nn.SpectralNorm``, used then, stored the kernels divided by sigma at init,
+  which made the first SGD steps smaller than the reference's), so that runs keep their
+  initial kernels.
 
   Args:
     model: the discriminator.
@@ -306,6 +401,7 @@ def init_variables(model: Discriminator, rng: jax.Array, logits: jax.Array,
 
 
 __all__ = [
-    'Discriminator', 'MIN_INPUT_SIZE', 'SPECTRAL_LAYERS', 'SelfAttention', 'SpectralConv',
-    'init_variables', 'score_map_size', 'torch_bias_init', 'torch_kernel_init',
+    'Discriminator', 'MIN_INPUT_SIZE', 'SN_BACKWARD', 'SPECTRAL_LAYERS', 'SelfAttention',
+    'SpectralConv', 'init_variables', 'power_iteration', 'score_map_size',
+    'spectral_vectors_after', 'torch_bias_init', 'torch_kernel_init',
 ]

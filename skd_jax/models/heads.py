@@ -34,7 +34,8 @@ class PSPHead(nn.Module):
   For each bin b in `bins`: adaptive average pool (PyTorch bin edges) -> 1x1 conv (no bias) -> BN
   -> leaky ReLU -> bilinear upsample (align_corners=True) back to the input size. Concatenate the
   branch outputs in bin order, then the input itself; 3x3 conv (no bias) -> BN -> leaky ReLU ->
-  channel dropout 0.1 (PyTorch Dropout2d) = the pair-wise feature; 1x1 classifier with bias.
+  channel dropout (PyTorch Dropout2d, rate `dropout`, 0.1 in the reference) = the pair-wise
+  feature; 1x1 classifier with bias.
 
   Input [N, h, w, Cin]; returns logits [N, h, w, num_classes] and feature [N, h, w, channels].
   """
@@ -71,13 +72,16 @@ class ASPPHead(nn.Module):
   branch (global average, 1x1 conv, BN, ReLU, align_corners upsample); every conv without bias and
   followed by BN + ReLU. Concatenate (5 x channels) -> 1x1 projection -> BN -> ReLU -> dropout 0.5.
   Then 3x3 conv (no bias) -> BN -> ReLU -> dropout 0.1 = the pair-wise feature; 1x1 classifier.
-  Both dropouts are element-wise (PyTorch ``nn.Dropout``), as in CIRKD.
+  Both dropouts are element-wise (PyTorch ``nn.Dropout``), as in CIRKD; `project_dropout` and
+  `dropout` set their rates.
 
   Input [N, h, w, Cin]; returns logits [N, h, w, num_classes] and feature [N, h, w, channels].
   """
   num_classes: int
   channels: int = 256
   rates: Sequence[int] = (12, 24, 36)
+  dropout: float = 0.1
+  project_dropout: float = 0.5
   bn_momentum: float = 0.9
   dtype: Dtype = jnp.float32
 
@@ -97,18 +101,19 @@ class ASPPHead(nn.Module):
     pooled = conv_bn_relu(jnp.mean(x, axis=(1, 2), keepdims=True), 1, 'aspp_pool')
     branches.append(ops.resize_bilinear(pooled, (h, w)))
     y = conv_bn_relu(jnp.concatenate(branches, axis=-1), 1, 'project')
-    y = nn.Dropout(0.5)(y, deterministic=not train)
+    y = nn.Dropout(self.project_dropout)(y, deterministic=not train)
     y = conv_bn_relu(y, 3, 'block')
-    feature = nn.Dropout(0.1)(y, deterministic=not train)
+    feature = nn.Dropout(self.dropout)(y, deterministic=not train)
     logits = classifier(self.num_classes, 'classifier')(feature)
     return logits, feature
 
 
 class AuxHead(nn.Module):
-  """Auxiliary FCN head on layer3: 3x3 conv -> BN -> act -> dropout 0.1 -> 1x1 classifier.
+  """Auxiliary FCN head on layer3: 3x3 conv -> BN -> act -> dropout -> 1x1 classifier.
 
   Two flavours, each its reference's: the SKD reference (``use_bias=True`` on the 3x3 conv, leaky
-  ReLU 0.01, channel dropout) and CIRKD (no bias, ReLU, element-wise dropout).
+  ReLU 0.01, channel dropout) and CIRKD (no bias, ReLU, element-wise dropout); both drop at rate
+  `dropout` (0.1 in both references).
   Input [N, h, w, Cin]; returns logits [N, h, w, num_classes].
   """
   num_classes: int
@@ -116,6 +121,7 @@ class AuxHead(nn.Module):
   use_bias: bool = True
   activation: str = 'leaky_relu'
   channel_dropout: bool = True
+  dropout: float = 0.1
   bn_momentum: float = 0.9
   dtype: Dtype = jnp.float32
 
@@ -125,6 +131,6 @@ class AuxHead(nn.Module):
     y = BatchNorm(use_running_average=not train, momentum=self.bn_momentum, dtype=self.dtype,
                   name='bn')(y)
     y = activation(y, self.activation)
-    drop = channel_dropout(0.1) if self.channel_dropout else nn.Dropout(0.1)
+    drop = channel_dropout(self.dropout) if self.channel_dropout else nn.Dropout(self.dropout)
     y = drop(y, deterministic=not train)
     return classifier(self.num_classes, 'classifier')(y)

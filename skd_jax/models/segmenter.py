@@ -37,6 +37,12 @@ class Segmenter(nn.Module):
     head_channels: PSP / ASPP width before the width multiplier (reference: 512 / 128 for PSPNet
       R101 / R18; CIRKD: 256 / 128 for DeepLabV3 R101 / R18).
     aux_channels: aux head width before the multiplier; None = no aux head.
+    head_dropout: rate of the dropout before the head's classifier, on the pair-wise feature (both
+      references: 0.1; channel-wise in the PSP head, element-wise in the ASPP head).
+    aspp_dropout: rate of the ASPP head's dropout after its projection (CIRKD: 0.5).
+    aux_dropout: rate of the aux head's dropout (both references: 0.1). A parity check of
+      training against another implementation sets the three to 0
+      (``--config.student.overrides.head_dropout=0``, ...).
     dtype: compute dtype of convolutions and activations (params and BN statistics stay float32).
     remat: rematerialisation policy of the backbone's residual blocks (`resnet.REMAT_POLICIES`:
       'none', 'convs_saveable', 'nothing_saveable'); the parameters are the same.
@@ -50,6 +56,9 @@ class Segmenter(nn.Module):
   head: str = 'psp'
   head_channels: int = 128
   aux_channels: int | None = 128
+  head_dropout: float = 0.1
+  aspp_dropout: float = 0.5
+  aux_dropout: float = 0.1
   output_stride: int = 8
   dilation_schedule: str = 'skd'
   stem_ceil_mode: bool = True
@@ -69,17 +78,23 @@ class Segmenter(nn.Module):
         dilation_schedule=self.dilation_schedule, stem_ceil_mode=self.stem_ceil_mode,
         width_multiplier=w, stem=self.stem, remat=self.remat, bn_momentum=self.bn_momentum,
         dtype=self.dtype, name='backbone')(images, train)
-    head_cls = PSPHead if self.head == 'psp' else ASPPHead
-    logits, head_feature = head_cls(
-        num_classes=self.num_classes, channels=scaled(self.head_channels, w),
-        bn_momentum=self.bn_momentum, dtype=self.dtype, name='head')(features['layer4'], train)
+    if self.head == 'psp':
+      head = PSPHead(num_classes=self.num_classes, channels=scaled(self.head_channels, w),
+                     dropout=self.head_dropout, bn_momentum=self.bn_momentum, dtype=self.dtype,
+                     name='head')
+    else:
+      head = ASPPHead(num_classes=self.num_classes, channels=scaled(self.head_channels, w),
+                      dropout=self.head_dropout, project_dropout=self.aspp_dropout,
+                      bn_momentum=self.bn_momentum, dtype=self.dtype, name='head')
+    logits, head_feature = head(features['layer4'], train)
     aux_logits = None
     if self.aux_channels is not None:
       psp = self.head == 'psp'
       aux_logits = AuxHead(
           num_classes=self.num_classes, channels=scaled(self.aux_channels, w), use_bias=psp,
           activation='leaky_relu' if psp else 'relu', channel_dropout=psp,
-          bn_momentum=self.bn_momentum, dtype=self.dtype, name='aux_head')(features['layer3'], train)
+          dropout=self.aux_dropout, bn_momentum=self.bn_momentum, dtype=self.dtype,
+          name='aux_head')(features['layer3'], train)
     features = dict(features, head=head_feature)
     return logits, aux_logits, features
 
