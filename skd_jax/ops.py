@@ -322,7 +322,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   else:
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     dilation = tuple(rhs_dilation or (1, 1))
-    if rhs.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
+    # Symbolic sizes (`jax.export`) keep XLA's convolution: the two branches' output sizes of a
+    # strided 1x1 convolution are equal but written differently, which `platform_dependent`
+    # cannot prove.
+    if rhs.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)) and _is_static(*lhs.shape):
       out = jax.lax.platform_dependent(
           lhs, rhs, cpu=functools.partial(pointwise_conv, strides=strides, precision=precision),
           default=functools.partial(_xla_conv, strides=strides, pads=pads, dilation=dilation,
@@ -353,7 +356,8 @@ def _kernel_grad_by_rows_pays(lhs_shape: Sequence[int], rhs_shape: Sequence[int]
   """
   batch = lhs_shape[0]
   out_features = rhs_shape[-1]
-  return batch < 8 and out_features >= 128
+  # A symbolic batch (`jax.export`, inference only) has no kernel gradient to speed up.
+  return _is_static(batch) and batch < 8 and out_features >= 128
 
 
 def _xla_conv(x, kernel, strides, pads, dilation, precision):
