@@ -335,10 +335,8 @@ def model_predictor(config: ml_collections.ConfigDict, checkpoint: str,
                                f'({config.data.normalization} normalisation, {mode.describe()})')
 
 
-def load_predictor(checkpoint: str, config: ml_collections.ConfigDict | None,
-                   which: str = 'student') -> Predictor:
-  """The `Predictor` of `checkpoint`: an `skd_jax.export` folder, or what `train.load_model`
-  reads (which needs the training config)."""
+def check_source(checkpoint: str, config: ml_collections.ConfigDict | None) -> None:
+  """A ValueError naming `checkpoint` if it is missing, or needs the `config` not given."""
   if not checkpoint:
     raise ValueError('give the network: --checkpoint=a run\'s workdir, a step folder, an export '
                      'of `skd_jax.export` or `skd_jax.convert`, or a PyTorch .pth')
@@ -346,11 +344,18 @@ def load_predictor(checkpoint: str, config: ml_collections.ConfigDict | None,
     raise ValueError(f'--checkpoint={checkpoint}: no such file or folder (from {os.getcwd()}); '
                      f'give a run\'s workdir, a step folder, an export of `skd_jax.export` or '
                      f'`skd_jax.convert`, or a PyTorch .pth.')
-  if tf.io.gfile.isdir(checkpoint) and is_serving_export(checkpoint):
-    return export_predictor(checkpoint)
-  if config is None:
+  if config is None and not (tf.io.gfile.isdir(checkpoint) and is_serving_export(checkpoint)):
     raise ValueError(f'--checkpoint={checkpoint} is a network\'s weights: give its training '
                      f'config too (--config=configs/....py: classes, normalisation, inference).')
+
+
+def load_predictor(checkpoint: str, config: ml_collections.ConfigDict | None,
+                   which: str = 'student') -> Predictor:
+  """The `Predictor` of `checkpoint`: an `skd_jax.export` folder, or what `train.load_model`
+  reads (which needs the training config)."""
+  check_source(checkpoint, config)
+  if tf.io.gfile.isdir(checkpoint) and is_serving_export(checkpoint):
+    return export_predictor(checkpoint)
   return model_predictor(config, checkpoint, which)
 
 
@@ -420,6 +425,7 @@ def predict_images(inputs: Sequence[str], out: str, *, checkpoint: str,
   if batch_size is not None and batch_size < 1:
     raise ValueError(f'--batch_size={batch_size}: give a positive number of images per batch.')
   images = find_images(inputs)
+  check_source(checkpoint, config)
   out_dir = export_lib.writable_dir(out)
   predictor = load_predictor(checkpoint, config, which)
   id_table = label_id_table(predictor.dataset, predictor.num_classes) if label_ids else None
