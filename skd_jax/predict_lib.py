@@ -278,6 +278,12 @@ def label_id_table(dataset: str, num_classes: int) -> np.ndarray:
   return np.asarray(table, np.int32)
 
 
+def describe_network(fields: dict[str, Any]) -> str:
+  """E.g. 'Segmenter ResNet-18, psp head, width x0.0625' from `export.network_fields`."""
+  return (f'{fields.get("module")} ResNet-{fields.get("depth")}, {fields.get("head")} head, '
+          f'width x{fields.get("width_multiplier")}')
+
+
 def is_serving_export(path: str) -> bool:
   return tf.io.gfile.exists(os.path.join(path, export_lib.METADATA_FILE)) and not \
       tf.io.gfile.exists(os.path.join(path, 'skd_jax.json'))
@@ -309,8 +315,9 @@ def export_predictor(path: str) -> Predictor:
   net = meta['network']
   call = jax.jit(lambda images: exported.call(images)['labels'])
   return Predictor(labels=call, dataset=meta['dataset'], num_classes=num_classes, palette=palette,
-                   description=f'{net.get("module")} export {path} ({meta["normalization"]} '
-                               f'normalisation, {meta["inference"]})',
+                   description=f'{net.get("which", "network")} {describe_network(net)}, exported '
+                               f'to {path} ({meta["normalization"]} normalisation, '
+                               f'{meta["inference"]})',
                    input_shape=shape)
 
 
@@ -331,7 +338,8 @@ def model_predictor(config: ml_collections.ConfigDict, checkpoint: str,
   return Predictor(labels=lambda images: labels(variables, images), dataset=config.data.dataset,
                    num_classes=num_classes,
                    palette=class_palette(config.data.dataset, num_classes),
-                   description=f'{which} {type(model).__name__} from {checkpoint} '
+                   description=f'{which} {describe_network(export_lib.network_fields(model))} '
+                               f'from {checkpoint} '
                                f'({config.data.normalization} normalisation, {mode.describe()})')
 
 
