@@ -61,11 +61,8 @@ from skd_jax.paths import as_path
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 OUTPUT_DIRS = ('labels', 'color', 'overlay')
 DEFAULT_OPACITY = 0.5
-# The user gives these files deliberately: no limit on their size (Pillow's default refuses images
-# above 179 M pixels as a "decompression bomb").
-Image.MAX_IMAGE_PIXELS = None
 # Pillow's errors for a file that is not a readable image (SyntaxError: some broken PNG chunks).
-_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError)
 _GLOB_CHARS = frozenset('*?[')
 
 
@@ -434,6 +431,9 @@ def predict_images(inputs: Sequence[str], out: str, *, checkpoint: str,
     raise ValueError(f'--batch_size={batch_size}: give a positive number of images per batch.')
   images = find_images(inputs)
   check_source(checkpoint, config)
+  # The user gives these files deliberately: no limit on their size (Pillow's default refuses
+  # images above 179 M pixels as a "decompression bomb").
+  Image.MAX_IMAGE_PIXELS = None
   out_dir = export_lib.writable_dir(out)
   predictor = load_predictor(checkpoint, config, which)
   id_table = label_id_table(predictor.dataset, predictor.num_classes) if label_ids else None

@@ -201,6 +201,41 @@ def test_pytorch_checkpoint_converted_on_the_fly(tmp_path, setup):
   assert len(colours) == len(np.unique(labels))
 
 
+def test_config_inference_mode_sliding_window_and_flip(setup, tmp_path):
+  # In process, on one image: the config's sliding window (32x32 tiles on 40x56: 2 x 3 tiles,
+  # overlapping) and flip, as evaluate's; its whole-image labels differ (checked below).
+  config = load_test_config()
+  config.eval.sliding_window, config.eval.crop_size, config.eval.flip = True, (32, 32), True
+  image = setup['images'] / 'a.png'
+  result = predict_lib.predict_images([str(image)], str(tmp_path), config=config,
+                                      checkpoint=str(setup['root'] / 'weights'))
+  assert result == {'written': 1, 'failed': []}
+  model, variables = export.without_aux_head(*random_student(load_test_config(), seed=0))
+  mode = evaluate.InferenceMode(**evaluate.inference_options(config))
+  photo = np.asarray(Image.open(image).convert('RGB'))
+  x = pipeline.normalize(photo[None], config.data.normalization).numpy()
+  logits = np.asarray(jax.jit(lambda v, x: evaluate.predict(model, v, x, x.shape[1:3], mode))(
+      variables, x))[0]
+  labels = read_png(tmp_path / 'labels' / 'a.png')
+  assert_labels_match(labels, logits.argmax(-1), logits)
+  assert (labels != setup['expected']['a.png'][0]).mean() > 0.05
+
+
+def test_fixed_size_export_skips_other_sizes(setup, tmp_path):
+  export.export_model(load_test_config(), str(tmp_path / 'fixed'),
+                      checkpoint=str(setup['root'] / 'weights'), input_shape='1,40,56',
+                      formats=('jax',), platforms=('cpu',))
+  names = ['a.png', 'b.jpg', 'd.jpg']
+  with pytest.raises(predict_lib.ImagesFailed, match=r'^1 of 3 images could not be predicted'):
+    predict_lib.predict_images([str(setup['images'] / n) for n in names], str(tmp_path / 'out'),
+                               checkpoint=str(tmp_path / 'fixed'))
+  for name in names[:2]:   # 40x56: predicted one at a time (the export's batch is 1)
+    want, logits, _ = setup['expected'][name]
+    labels = read_png(tmp_path / 'out' / 'labels' / f'{os.path.splitext(name)[0]}.png')
+    assert_labels_match(labels, want, logits)
+  assert not (tmp_path / 'out' / 'labels' / 'd.png').exists()
+
+
 def test_unknown_model_source_is_one_error_line(setup):
   out = setup['root'] / 'never_written'
   run = run_predict(f'--checkpoint={setup["root"] / "no_such_run"}', f'--out={out}',
