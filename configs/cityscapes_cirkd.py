@@ -1,26 +1,11 @@
-r"""SKD under the CIRKD benchmark protocol: DeepLabV3-ResNet101 -> DeepLabV3-ResNet18.
+"""The former name of configs/cityscapes_cirkd_skd.py (SKD under the CIRKD protocol), kept so that
+commands and scripts that name it keep working; see that file for the command and the sources.
 
-    python -m skd_jax.main --config=configs/cityscapes_cirkd.py --workdir=runs/cirkd_skd_r18 \
-        --config.data.manual_dir=/data/cityscapes \
-        --config.teacher.checkpoint=exports/cirkd_teacher_r101 \
-        --config.student.pretrained=/data/resnet18-imagenet.pth
-
-The teacher is CIRKD's released DeepLabV3-R101 converted with `python -m skd_jax.convert`
-(or a run of this config with `--config.student.arch=deeplabv3_resnet101` and every distillation
-weight 0). CIRKD settings: 512x1024 crops, random scale 0.5..2.0, flip, global batch 16
-(synchronised BN), 40,000 steps of SGD lr 0.02 (poly 0.9), weight decay 1e-4; loss CE + 0.4 aux
-CE + 1.0 pixel KL (per-pixel mean) + 10 pair-wise (2x2 max-pooled nodes, norm not detached) +
-0.001 adversarial; hinge discriminator with constant Adam(4e-4, 0.9/0.99), weight 0.1.
-
-Sized for 8 GPUs (2 images each) or a TPU v4-8 and up; the global batch must divide over the
-devices. Expected: about 75.4 val mIoU (CIRKD's SKD 75.42; the student alone 74.21, the teacher
-78.07).
+    python -m skd_jax.main --config=configs/cityscapes_cirkd.py --workdir=runs/cirkd_skd_r18 ...
 """
 
 from skd_jax import config_base
 
 
 def get_config():
-  c = config_base.cirkd_protocol(config_base.base_config())
-  c.data.crop_size = (512, 1024)
-  return c
+  return config_base.cirkd_cityscapes(config_base.cirkd_skd)

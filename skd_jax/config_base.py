@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.disc.momentum = 0.9
   c.disc.weight_decay = 5e-4
   c.disc.power = 0.9
+  c.disc.min_lr = 0.0             # floor of the SGD poly schedule (optim.min_lr's, for D)
   c.disc.b1 = 0.9
   c.disc.b2 = 0.99
   # Spectral norm's gradient through sigma = u W v: 'own' = each D call's u, v (the intended
@@ -97,6 +98,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.ohem = False
   c.loss.ohem_thresh = 0.7
   c.loss.ohem_min_kept = 100000
+  # The methods SKD is compared with (configs/cityscapes_cirkd_*.py), each absent at weight 0 and
+  # free to combine with SKD's three terms; formulas and sources in skd_jax/losses.py.
+  # Logit KD (Hinton): T^2 * per-pixel mean KL(softmax(z_T/T) || softmax(z_S/T)), main logits.
+  c.loss.kd_weight = 0.0
+  c.loss.kd_temperature = 1.0     # CIRKD's --kd-temperature default
+  # CWD (Shu et al.): per-channel spatial softmax of x/T, KL summed over positions / (N * C).
+  c.loss.cwd_logit_weight = 0.0   # on the logits (CIRKD's run: 3)
+  c.loss.cwd_feature_weight = 0.0  # on the pre-classifier features, through a learned 1x1 conv
+                                   # to the teacher's channels when they differ (CIRKD's run: 50)
+  c.loss.cwd_temperature = 4.0    # CIRKD's CriterionCWD(temperature=4.) for both terms
+  # The feature term's C: 'student' = the student's channels before the adapter (CIRKD's code);
+  # 'compared' = the channels of the compared maps (the paper's 1/C; half as large for 128 -> 256).
+  c.loss.cwd_divisor = 'student'
+  # DIST (Huang et al.): beta * (1 - mean Pearson over each pixel's classes) + gamma * (1 - mean
+  # Pearson over each class's pixels), of softmax(z/T).
+  c.loss.dist_weight = 0.0        # on the main logits (DIST_KD's run: 1)
+  c.loss.dist_aux_weight = 0.0    # on the aux logits against the teacher's (DIST_KD's run: 0.4)
+  c.loss.dist_beta = 1.0
+  c.loss.dist_gamma = 1.0
+  c.loss.dist_temperature = 1.0   # DIST_KD's segmentation code has none (T = 1)
+  # The intra-class term over G equal groups of images, averaged: G = the reference's GPUs (its
+  # per-GPU batches); 1 = the whole global batch at once.
+  c.loss.dist_groups = 1
 
   c.optim = ml_collections.ConfigDict()
   c.optim.batch_size = 8          # global, over all devices
@@ -105,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.momentum = 0.9
   c.optim.weight_decay = 5e-4
   c.optim.power = 0.9
+  c.optim.min_lr = 0.0            # poly floor: min_lr + (lr - min_lr) * (1 - t/T)^power (DIST: 1e-4)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 8           # global
@@ -133,6 +158,11 @@ def distillation_off(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.loss.lambda_pi = 0.0
   c.loss.lambda_pa = 0.0
   c.loss.lambda_ho = 0.0
+  c.loss.kd_weight = 0.0
+  c.loss.cwd_logit_weight = 0.0
+  c.loss.cwd_feature_weight = 0.0
+  c.loss.dist_weight = 0.0
+  c.loss.dist_aux_weight = 0.0
   return c
 
 
@@ -163,3 +193,64 @@ def cirkd_protocol(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.disc.weight_decay = 0.0
   c.eval.batch_size = 8
   return c
+
+
+# The methods of the CIRKD benchmark, each applied to a `cirkd_protocol` config
+# (configs/cityscapes_cirkd_*.py give the command, the source of each weight and the published
+# number). Each starts from the protocol's SKD terms and replaces them.
+
+
+def cirkd_skd(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """SKD as CIRKD ran it: the protocol's own terms (pixel KL 1.0, pair-wise 10, adversarial
+  0.001, hinge critic 0.1)."""
+  return c
+
+
+def cirkd_baseline(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The student alone on the same protocol (CE + 0.4 aux CE)."""
+  return distillation_off(c)
+
+
+def cirkd_kd(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Logit KD alone: 1.0 * T^2 * per-pixel KL at T = 1 (CIRKD's --lambda-kd 1.0)."""
+  distillation_off(c)
+  c.loss.kd_weight = 1.0
+  c.loss.kd_temperature = 1.0
+  return c
+
+
+def cirkd_cwd(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """CIRKD's CWD run: CWD 3 on logits and 50 on features (T = 4), KD 1.0 and the adversarial
+  terms 0.001 (student) / 0.1 (hinge critic) as that run did."""
+  distillation_off(c)
+  c.loss.kd_weight = 1.0
+  c.loss.cwd_logit_weight = 3.0
+  c.loss.cwd_feature_weight = 50.0
+  c.loss.cwd_temperature = 4.0
+  c.loss.cwd_divisor = 'student'
+  c.loss.lambda_ho = 0.001
+  c.loss.lambda_d = 0.1
+  c.loss.gan_loss = 'hinge'
+  return c
+
+
+def cirkd_dist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """DIST_KD's segmentation run: DIST 1 on the logits and 0.4 on the aux logits, its intra-class
+  term per GPU (8 groups of the 16 images), weight decay 5e-4, poly lr with a 1e-4 floor."""
+  distillation_off(c)
+  c.loss.dist_weight = 1.0
+  c.loss.dist_aux_weight = 0.4
+  c.loss.dist_beta = 1.0
+  c.loss.dist_gamma = 1.0
+  c.loss.dist_temperature = 1.0
+  c.loss.dist_groups = 8
+  c.optim.weight_decay = 5e-4
+  c.optim.min_lr = 1e-4
+  return c
+
+
+def cirkd_cityscapes(method) -> ml_collections.ConfigDict:
+  """A CIRKD-benchmark method (`cirkd_skd`, `cirkd_kd`, ...) on Cityscapes, 512x1024 crops."""
+  c = cirkd_protocol(base_config())
+  c.data.crop_size = (512, 1024)
+  return method(c)

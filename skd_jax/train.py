@@ -15,6 +15,13 @@ README's faithfulness notes say so, with the measured size.
 A weight of 0 removes its term from the compiled step: no teacher forward when every distillation
 weight is 0, no discriminator when lambda_ho is 0. The student-alone baseline and teacher training
 are this same program with those weights at 0.
+
+The methods SKD is compared with are terms of the same step, each with its weight in
+``config.loss`` (0 = absent), free to combine with SKD's three: logit KD (``kd_weight``), CWD on
+the logits and on the pre-classifier features (``cwd_logit_weight``, ``cwd_feature_weight``; the
+features through a learned 1x1 `ChannelAdapter` when the channel counts differ, whose parameters
+are ``TrainState.adapter_params``) and DIST on the main and the aux logits (``dist_weight``,
+``dist_aux_weight``); see `losses` for each formula and its source.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from skd_jax import evaluate as eval_lib
 from skd_jax import losses
 from skd_jax import sharding as sharding_lib
 from skd_jax.models import create_segmenter
+from skd_jax.models.adapters import ChannelAdapter
 from skd_jax.models import discriminator as disc_lib
 from skd_jax.models.discriminator import Discriminator
 from skd_jax.paths import as_path
@@ -53,7 +61,13 @@ class TrainState:
 
   The teacher is not here: its variables are an argument of `train_step`, never optimised and
   never checkpointed with the run. Without a discriminator (lambda_ho = 0) its fields are empty
-  dicts.
+  dicts, and so are the adapter's without CWD on features through an adapter.
+
+  The CWD feature adapter is trained by the student's optimiser from the student's loss, as CIRKD
+  puts it in the student's SGD parameter list: the same transform (`StepContext.student_tx`:
+  rate schedule, momentum, weight decay), whose updates are elementwise, so its state held apart
+  (``adapter_opt_state``) gives the updates one joint state would; apart, the student's
+  parameters stay exactly the network's (what evaluation and export read).
   """
   step: jax.Array                # int32 []
   rng: jax.Array                 # uint32 key data of a `jax.random.key`
@@ -63,6 +77,8 @@ class TrainState:
   disc_params: PyTree
   disc_batch_stats: PyTree       # spectral-norm vectors and the input BatchNorm's statistics
   disc_opt_state: PyTree
+  adapter_params: PyTree = dataclasses.field(default_factory=dict)   # CWD's 1x1 conv, or {}
+  adapter_opt_state: PyTree = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,15 +101,33 @@ class LossConfig:
   ohem: bool = False
   ohem_thresh: float = 0.7
   ohem_min_kept: int = 100000
+  # The methods SKD is compared with (config_base explains each; 0 = absent from the step).
+  kd_weight: float = 0.0
+  kd_temperature: float = 1.0
+  cwd_logit_weight: float = 0.0
+  cwd_feature_weight: float = 0.0
+  cwd_temperature: float = 4.0
+  cwd_divisor: str = 'student'
+  dist_weight: float = 0.0
+  dist_aux_weight: float = 0.0
+  dist_beta: float = 1.0
+  dist_gamma: float = 1.0
+  dist_temperature: float = 1.0
+  dist_groups: int = 1
   ignore_label: int = 255
 
   def __post_init__(self):
     if self.gan_loss not in ('wgan_gp', 'hinge'):
       raise ValueError(f"loss.gan_loss must be 'wgan_gp' or 'hinge', got {self.gan_loss!r}")
+    if self.cwd_divisor not in ('student', 'compared'):
+      raise ValueError(f"loss.cwd_divisor must be 'student' or 'compared', got "
+                       f"{self.cwd_divisor!r}")
 
   @property
   def uses_teacher(self) -> bool:
-    return self.lambda_pi > 0 or self.lambda_pa > 0 or self.lambda_ho > 0
+    return any(w > 0 for w in (self.lambda_pi, self.lambda_pa, self.lambda_ho, self.kd_weight,
+                               self.cwd_logit_weight, self.cwd_feature_weight, self.dist_weight,
+                               self.dist_aux_weight))
 
   @property
   def uses_disc(self) -> bool:
@@ -112,33 +146,41 @@ class StepContext:
   disc_lr: optax.Schedule | None
   loss: LossConfig
   disc_sn_backward: str = 'own'  # 'own' | 'last' (the reference's): see `config_base`
+  # CWD on features: the student's feature -> the teacher's channels (None: equal counts, or no
+  # CWD on features), and the student feature's channel count (the reference's divisor).
+  adapter: nn.Module | None = None
+  student_feature_channels: int = 0
 
 
-def poly_schedule(lr: float, num_steps: int, power: float) -> optax.Schedule:
-  """The reference's ``lr_poly``: ``lr * (1 - t / num_steps) ** power``, and 0 from num_steps on.
+def poly_schedule(lr: float, num_steps: int, power: float, min_lr: float = 0.0
+                  ) -> optax.Schedule:
+  """The reference's ``lr_poly`` with a floor:
+  ``min_lr + (lr - min_lr) * (1 - t / num_steps) ** power``, and `min_lr` from num_steps on.
 
-  Written out rather than `optax.polynomial_schedule`, whose value under `jit` is NaN at
-  ``t = num_steps`` (0 to a fractional power, computed through a logarithm).
+  `min_lr` = 0 is the SKD reference's ``lr_poly`` (and CIRKD's ``adjust_lr``); DIST_KD's
+  segmentation ``adjust_lr`` floors it at 1e-4 (`configs/cityscapes_cirkd_dist.py`). Written out
+  rather than `optax.polynomial_schedule`, whose value under `jit` is NaN at ``t = num_steps``
+  (0 to a fractional power, computed through a logarithm).
   """
   def schedule(step: jax.Array) -> jax.Array:
     remaining = jnp.clip(1.0 - jnp.asarray(step, jnp.float32) / num_steps, 0.0, 1.0)
-    return lr * remaining ** power
+    return min_lr + (lr - min_lr) * remaining ** power
   return schedule
 
 
-def poly_sgd(lr: float, momentum: float, weight_decay: float, num_steps: int, power: float
-             ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def poly_sgd(lr: float, momentum: float, weight_decay: float, num_steps: int, power: float,
+             min_lr: float = 0.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """PyTorch SGD (weight decay added to the gradient before momentum) with poly decay.
 
   The reference counts iterations from 1 and sets ``lr_poly(lr, i, num_steps, power)`` before
   its i-th update, so update ``count`` (optax's, from 0) has rate ``poly_schedule(count + 1)``:
-  the first is already below `lr`, the last (``count = num_steps - 1``) is 0. Decay applies to
-  every parameter, BN included, as in the reference.
+  the first is already below `lr`, the last (``count = num_steps - 1``) is `min_lr` (0 in the
+  reference). Decay applies to every parameter, BN included, as in the reference.
 
   Returns:
     (transform, the rate as a function of the optimiser's count, i.e. of ``TrainState.step``).
   """
-  reference_rate = poly_schedule(lr, num_steps, power)
+  reference_rate = poly_schedule(lr, num_steps, power, min_lr)
   schedule = lambda count: reference_rate(jnp.asarray(count) + 1)
   tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum))
   return tx, schedule
@@ -149,7 +191,7 @@ def disc_optimizer(disc_config: ml_collections.ConfigDict, num_steps: int
   """The reference's SGD (poly decay) or CIRKD's constant Adam."""
   if disc_config.optimizer == 'sgd':
     return poly_sgd(disc_config.lr, disc_config.momentum, disc_config.weight_decay, num_steps,
-                    disc_config.power)
+                    disc_config.power, disc_config.min_lr)
   if disc_config.optimizer == 'adam':
     schedule = optax.constant_schedule(disc_config.lr)
     tx = optax.adam(schedule, b1=disc_config.b1, b2=disc_config.b2)
@@ -186,13 +228,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_variables
   dropout_rng, gp_rng = jax.random.split(rng)
   images, labels = batch['image'], batch['label']
 
-  teacher_logits = teacher_feature = None
+  teacher_logits = teacher_aux_logits = teacher_feature = None
   if cfg.uses_teacher:
-    t_logits, _, t_features = ctx.teacher.apply(teacher_variables, images, train=False)
+    t_logits, t_aux_logits, t_features = ctx.teacher.apply(teacher_variables, images, train=False)
     teacher_logits = jax.lax.stop_gradient(t_logits.astype(jnp.float32))
     teacher_feature = jax.lax.stop_gradient(t_features['head'])
+    if cfg.dist_aux_weight > 0:
+      teacher_aux_logits = jax.lax.stop_gradient(t_aux_logits.astype(jnp.float32))
 
-  def student_loss(params):
+  def student_loss(trained):
+    params, adapter_params = trained
     (logits, aux_logits, features), updates = ctx.student.apply(
         {'params': params, 'batch_stats': state.student_batch_stats}, images, train=True,
         mutable=['batch_stats'], rngs={'dropout': dropout_rng})
@@ -216,6 +261,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_variables
           pool_kernel=cfg.pa_pool_kernel or None, alpha=cfg.pa_alpha or None,
           detach_norm=cfg.pa_detach_norm)
       total += cfg.lambda_pa * terms['pair_wise']
+    for name, term in _method_terms(ctx, logits, aux_logits, features['head'], adapter_params,
+                                    teacher_logits, teacher_aux_logits, teacher_feature).items():
+      terms[name] = term
+      total += getattr(cfg, METHOD_WEIGHTS[name]) * term
     disc_batch_stats = state.disc_batch_stats
     if cfg.uses_disc:
       # D's parameters are not differentiated here: the gradients the student loss would give
@@ -229,14 +278,22 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_variables
     terms['total'] = total
     return total, (terms, updates['batch_stats'], logits, disc_batch_stats)
 
-  (_, (terms, student_batch_stats, student_logits, disc_batch_stats)), grads = (
-      jax.value_and_grad(student_loss, has_aux=True)(state.student_params))
+  (_, (terms, student_batch_stats, student_logits, disc_batch_stats)), (grads, adapter_grads) = (
+      jax.value_and_grad(student_loss, has_aux=True)((state.student_params,
+                                                      state.adapter_params)))
   updates, student_opt_state = ctx.student_tx.update(grads, state.student_opt_state,
                                                      state.student_params)
   student_params = optax.apply_updates(state.student_params, updates)
   metrics = {f'loss/{k}': v for k, v in terms.items()}
   metrics['grad_norm/student'] = optax.tree.norm(grads)
   metrics['lr/student'] = ctx.student_lr(state.step)
+  adapter_params, adapter_opt_state = state.adapter_params, state.adapter_opt_state
+  if ctx.adapter is not None:
+    # The student's optimiser (its transform, its rate), as CIRKD trains the adapter.
+    adapter_updates, adapter_opt_state = ctx.student_tx.update(
+        adapter_grads, adapter_opt_state, adapter_params)
+    adapter_params = optax.apply_updates(adapter_params, adapter_updates)
+    metrics['grad_norm/adapter'] = optax.tree.norm(adapter_grads)
 
   disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
   if cfg.uses_disc:
@@ -278,8 +335,47 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_variables
   new_state = state.replace(
       step=state.step + 1, student_params=student_params,
       student_batch_stats=student_batch_stats, student_opt_state=student_opt_state,
-      disc_params=disc_params, disc_batch_stats=disc_batch_stats, disc_opt_state=disc_opt_state)
+      disc_params=disc_params, disc_batch_stats=disc_batch_stats, disc_opt_state=disc_opt_state,
+      adapter_params=adapter_params, adapter_opt_state=adapter_opt_state)
   return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+
+# The terms of the methods SKD is compared with: their metric names (loss/<name>) and weights.
+METHOD_WEIGHTS = {'kd': 'kd_weight', 'cwd_logit': 'cwd_logit_weight',
+                  'cwd_feature': 'cwd_feature_weight', 'dist': 'dist_weight',
+                  'dist_aux': 'dist_aux_weight'}
+
+
+def _method_terms(ctx: StepContext, logits, aux_logits, feature, adapter_params,
+                  teacher_logits, teacher_aux_logits, teacher_feature) -> dict[str, jax.Array]:
+  """The unweighted KD, CWD and DIST terms whose weights are > 0 (float32 scalars).
+
+  logits, aux_logits: [N, h, w, C] of the student; feature: [N, h, w, Cs] its pre-classifier
+  feature; teacher_*: the teacher's, [N, h, w, C] and [N, h, w, Ct]. As CIRKD's and DIST_KD's
+  trainers: every term at the 1/8 resolution of the maps, no upsampling and no ignore mask.
+  """
+  cfg = ctx.loss
+  terms = {}
+  if cfg.kd_weight > 0:
+    terms['kd'] = losses.logit_kd(logits, teacher_logits, temperature=cfg.kd_temperature)
+  if cfg.cwd_logit_weight > 0:
+    terms['cwd_logit'] = losses.channel_wise_loss(logits, teacher_logits,
+                                                  temperature=cfg.cwd_temperature)
+  if cfg.cwd_feature_weight > 0:
+    student_map = feature
+    if ctx.adapter is not None:
+      student_map = ctx.adapter.apply({'params': adapter_params}, feature)
+    # The reference divides by the student's channels, counted before its adapter.
+    divisor = ctx.student_feature_channels if cfg.cwd_divisor == 'student' else None
+    terms['cwd_feature'] = losses.channel_wise_loss(
+        student_map, teacher_feature, temperature=cfg.cwd_temperature, channel_divisor=divisor)
+  dist = functools.partial(losses.dist_loss, beta=cfg.dist_beta, gamma=cfg.dist_gamma,
+                           temperature=cfg.dist_temperature, groups=cfg.dist_groups)
+  if cfg.dist_weight > 0:
+    terms['dist'] = dist(logits, teacher_logits)
+  if cfg.dist_aux_weight > 0:
+    terms['dist_aux'] = dist(aux_logits, teacher_aux_logits)
+  return terms
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,27 +553,54 @@ def create_train_state(ctx: StepContext, image_shape: tuple[int, ...], seed: jax
         images if ctx.disc.image_conditioned else None)
     disc_params, disc_batch_stats = disc_variables['params'], disc_variables['batch_stats']
     disc_opt_state = ctx.disc_tx.init(disc_params)
+  adapter_params = adapter_opt_state = {}
+  if ctx.adapter is not None:
+    feature = jnp.zeros((1, 1, 1, ctx.student_feature_channels), jnp.float32)
+    adapter_params = ctx.adapter.init(jax.random.fold_in(init_rng, 1), feature)['params']
+    adapter_opt_state = ctx.student_tx.init(adapter_params)
   return TrainState(
       step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(state_rng),
       student_params=params, student_batch_stats=batch_stats,
       student_opt_state=ctx.student_tx.init(params), disc_params=disc_params,
-      disc_batch_stats=disc_batch_stats, disc_opt_state=disc_opt_state)
+      disc_batch_stats=disc_batch_stats, disc_opt_state=disc_opt_state,
+      adapter_params=adapter_params, adapter_opt_state=adapter_opt_state)
 
 
 def make_step_context(config: ml_collections.ConfigDict, teacher: nn.Module | None) -> StepContext:
   cfg = loss_config(config)
   num_steps = config.optim.num_steps
   student_tx, student_lr = poly_sgd(config.optim.lr, config.optim.momentum,
-                                    config.optim.weight_decay, num_steps, config.optim.power)
+                                    config.optim.weight_decay, num_steps, config.optim.power,
+                                    config.optim.min_lr)
   disc = disc_tx = disc_lr = None
   if cfg.uses_disc:
     disc = discriminator(config)
     disc_tx, disc_lr = disc_optimizer(config.disc, num_steps)
   if config.disc.sn_backward not in ('own', 'last'):
     raise ValueError(f"disc.sn_backward must be 'own' or 'last', got {config.disc.sn_backward!r}")
-  return StepContext(student=student_model(config), teacher=teacher if cfg.uses_teacher else None,
+  student = student_model(config)
+  adapter, student_channels = None, 0
+  if cfg.cwd_feature_weight > 0 or cfg.dist_aux_weight > 0:
+    student_out, teacher_out = _output_shapes(student), _output_shapes(teacher)
+    if cfg.dist_aux_weight > 0 and (student_out[1] is None or teacher_out[1] is None):
+      who = 'the student' if student_out[1] is None else 'the teacher'
+      raise ValueError(f'loss.dist_aux_weight > 0 needs aux logits, but {who} has no aux head: '
+                       'set --config.loss.dist_aux_weight=0.')
+    student_channels = student_out[2]['head'].shape[-1]
+    teacher_channels = teacher_out[2]['head'].shape[-1]
+    if cfg.cwd_feature_weight > 0 and student_channels != teacher_channels:
+      adapter = ChannelAdapter(features=teacher_channels)
+  return StepContext(student=student, teacher=teacher if cfg.uses_teacher else None,
                      disc=disc, student_tx=student_tx, disc_tx=disc_tx, student_lr=student_lr,
-                     disc_lr=disc_lr, loss=cfg, disc_sn_backward=config.disc.sn_backward)
+                     disc_lr=disc_lr, loss=cfg, disc_sn_backward=config.disc.sn_backward,
+                     adapter=adapter, student_feature_channels=student_channels)
+
+
+def _output_shapes(model: nn.Module):
+  """(logits, aux_logits or None, features) of `model` as shapes (traced, nothing computed)."""
+  images = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  return jax.eval_shape(lambda: model.apply(
+      model.init(jax.random.key(0, impl='rbg'), images, train=False), images, train=False))
 
 
 def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,
@@ -645,6 +768,7 @@ WEIGHTED_TERMS = {
     'loss/pair_wise': ('lambda_pa',), 'loss/adversarial': ('lambda_ho',),
     'disc/wasserstein': ('lambda_d',), 'disc/gradient_penalty': ('lambda_d', 'lambda_gp'),
     'disc/hinge': ('lambda_d',),
+    **{f'loss/{name}': (weight,) for name, weight in METHOD_WEIGHTS.items()},
 }
 # A weighted term this many times the cross-entropy is what overflowed, not the learning rate.
 DOMINANT_TERM_RATIO = 1e6
@@ -656,6 +780,8 @@ _STATE_PARTS = {
     'disc_params': "the discriminator's parameters",
     'disc_batch_stats': "the discriminator's spectral-norm and BatchNorm statistics",
     'disc_opt_state': "the discriminator's optimiser state",
+    'adapter_params': "the CWD feature adapter's parameters",
+    'adapter_opt_state': "the CWD feature adapter's optimiser state",
 }
 
 
