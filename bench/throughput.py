@@ -83,6 +83,9 @@ flags.DEFINE_integer('sweep_run_max_pixels', -1,
                      'never executed.')
 flags.DEFINE_integer('profile', 0, 'If > 0: also profile each step (XLA per-op timings over '
                      '--steps steps) and print its slowest N ops.')
+flags.DEFINE_float('peak_tflops', 0.0, 'Peak dense TFLOP/s of one device at the step\'s dtype '
+                   '(bench/device_check.sh looks it up by device kind); if > 0 the table adds '
+                   'the model FLOP utilisation (MFU): XLA\'s FLOPs per device per second / peak.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -262,15 +265,21 @@ def describe(config: ml_collections.ConfigDict, alone: bool) -> str:
   return f'SKD: {net(config.teacher)} -> {net(config.student)}{remat} + D'
 
 
-def table(rows: list[tuple[str, dict[str, float]]], batch: int, steps: int) -> str:
+def table(rows: list[tuple[str, dict[str, float]]], batch: int, steps: int,
+          peak_tflops: float = 0.0) -> str:
+  """Markdown table of `measure`'s results; an MFU column (XLA's FLOP rate per device over
+  `peak_tflops`) when a peak is given."""
+  mfu_head, mfu_rule = (f' MFU (of {peak_tflops:g} TFLOP/s) |', '---|') if peak_tflops else ('', '')
   lines = [f'| step | images/s | step time (median of {steps}) | compile | GFLOP / step (XLA, '
-           'per device) | achieved GFLOP/s | peak memory (XLA, per device) |',
-           '|---|---|---|---|---|---|---|']
+           f'per device) | achieved GFLOP/s |{mfu_head} peak memory (XLA, per device) |',
+           f'|---|---|---|---|---|---|{mfu_rule}---|']
   for name, r in rows:
+    mfu = f' {100 * r["flop_rate"] / (peak_tflops * 1e12):.1f}% |' if peak_tflops else ''
     lines.append(
         f'| {name} | {batch / r["step_s"]:.2f} | {r["step_s"] * 1e3:.1f} ms '
         f'({r["min_s"] * 1e3:.1f}-{r["max_s"] * 1e3:.1f}) | {r["compile_s"]:.1f} s | '
-        f'{r["flops"] / 1e9:.1f} | {r["flop_rate"] / 1e9:.1f} | {fmt_bytes(r["peak_bytes"])} |')
+        f'{r["flops"] / 1e9:.1f} | {r["flop_rate"] / 1e9:.1f} |{mfu} '
+        f'{fmt_bytes(r["peak_bytes"])} |')
   return '\n'.join(lines)
 
 
@@ -410,7 +419,7 @@ def report(rows: list[tuple[str, dict[str, Any]]], config: ml_collections.Config
            f'Hardware: {hardware()}',
            f'Crop {crop[0]}x{crop[1]}, global batch {batch}, dtype {config.dtype}, mesh '
            f'{dict(mesh.shape)}; median of {FLAGS.steps} steps after {FLAGS.warmup} warm-up '
-           f'steps.', '', table(rows, batch, FLAGS.steps)]
+           f'steps.', '', table(rows, batch, FLAGS.steps, FLAGS.peak_tflops)]
   if len(rows) == 2:
     lines += ['', f'The SKD step takes {rows[0][1]["step_s"] / rows[1][1]["step_s"]:.2f}x the '
               f'time of the student-alone step.']

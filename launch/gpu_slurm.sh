@@ -3,12 +3,13 @@
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
 #SBATCH --output=%x-%j.out
 # Trains skd_jax on N SLURM nodes x 8 NVIDIA GPUs: one process per node drives its 8 GPUs, and
 # JAX's multi-controller runtime (jax.distributed.initialize in skd_jax/main.py) joins them.
 #
 #   launch/gpu_slurm.sh --config=configs/cityscapes.py --workdir=/shared/runs/skd_r18 \
-#       [--nodes=N] [--config.KEY=VALUE ...] [--dry_run]
+#       [--nodes=N] [--cpus_per_task=C] [--config.KEY=VALUE ...] [--dry_run]
 #
 # From a login node the script submits itself (`sbatch --nodes=N ... launch/gpu_slurm.sh ...`);
 # `sbatch launch/gpu_slurm.sh ...` from the repository root works too. Inside the allocation it
@@ -18,10 +19,15 @@
 #   2. takes the coordinator from SLURM: the first host of `scontrol show hostnames
 #      $SLURM_JOB_NODELIST`, port COORDINATOR_PORT (default 20000 + SLURM_JOB_ID % 10000);
 #   3. `srun`s the one training command on every node with --coordinator_address,
-#      --num_processes=$SLURM_NNODES and --process_id=$SLURM_NODEID (expanded on each node).
+#      --num_processes=$SLURM_NNODES and --process_id=$SLURM_NODEID (expanded on each node), and
+#      the allocation's CPUs per task (srun does not inherit sbatch's --cpus-per-task since SLURM
+#      22.05: without it the input pipeline of a node would run on one core).
 #
 # Settings (a flag, else the environment variable, else the default):
 #   --nodes     NODES       2 (only when submitting; inside a job SLURM_NNODES counts)
+#   --cpus_per_task CPUS_PER_TASK  32, the #SBATCH line above (only when submitting; inside a job
+#               SLURM_CPUS_PER_TASK, else SLURM_CPUS_ON_NODE): host cores for the tf.data input
+#               pipeline of the node's 8 GPUs; give the node's core count on your cluster
 #   --dry_run   DRY_RUN=1   print every command (sbatch, python, pip, srun) instead of running it
 #   SKD_VENV, PYTHON (python3; >= 3.11 to create the venv), COORDINATOR_PORT, SKD_JAX_DIR (the
 #   checkout, found from the script's or the submission's directory otherwise).
@@ -57,6 +63,7 @@ source "${repo}/launch/common.sh"
 
 dry_run="${DRY_RUN:-0}"
 nodes="${NODES:-2}"
+cpus_per_task="${CPUS_PER_TASK:-}"
 config=''
 workdir=''
 overrides=()
@@ -66,6 +73,7 @@ for arg in "$@"; do
     --workdir=*) workdir="${arg#*=}" ;;
     --config.*=*) overrides+=("${arg}") ;;
     --nodes=*) nodes="${arg#*=}" ;;
+    --cpus_per_task=*) cpus_per_task="${arg#*=}" ;;
     --dry_run) dry_run=1 ;;
     -h | --help) usage; exit 0 ;;
     *) usage; die "unknown argument '${arg}' (flags take the form --flag=value; see above)" ;;
@@ -75,11 +83,15 @@ done
 config="$(config_path "${repo}" "${config}")"
 [[ -n ${workdir} ]] || die '--workdir is required: a directory on a filesystem every node sees'
 [[ ${nodes} =~ ^[1-9][0-9]*$ ]] || die "--nodes (or NODES)='${nodes}' must be a positive integer"
+[[ -z ${cpus_per_task} || ${cpus_per_task} =~ ^[1-9][0-9]*$ ]] ||
+  die "--cpus_per_task (or CPUS_PER_TASK)='${cpus_per_task}' must be a positive integer"
 
 # On a login node: submit this script, which then runs the steps below inside the allocation.
 if [[ -z ${SLURM_JOB_ID:-} ]]; then
   args=(--config="${config}" --workdir="${workdir}" ${overrides[@]+"${overrides[@]}"})
-  run sbatch --nodes="${nodes}" --chdir="${repo}" "${repo}/launch/gpu_slurm.sh" "${args[@]}"
+  cpus=(${cpus_per_task:+"--cpus-per-task=${cpus_per_task}"})
+  run sbatch --nodes="${nodes}" ${cpus[@]+"${cpus[@]}"} --chdir="${repo}" "${repo}/launch/gpu_slurm.sh" \
+    "${args[@]}"
   exit 0
 fi
 : "${SLURM_JOB_NODELIST:?is unset: run inside a SLURM allocation (sbatch or salloc)}"
@@ -110,5 +122,8 @@ train=("${venv}/bin/python" -m skd_jax.main --config="${config}" --workdir="${wo
        --num_processes="${SLURM_NNODES}")
 # shellcheck disable=SC2016  # $SLURM_NODEID must expand on each node, not here
 per_node='--process_id=$SLURM_NODEID'
-run srun --nodes="${SLURM_NNODES}" --ntasks-per-node=1 --kill-on-bad-exit=1 --chdir="${repo}" \
+node_cpus="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-}}"
+srun_cpus=(${node_cpus:+"--cpus-per-task=${node_cpus}"})
+run srun --nodes="${SLURM_NNODES}" --ntasks-per-node=1 ${srun_cpus[@]+"${srun_cpus[@]}"} \
+  --kill-on-bad-exit=1 --chdir="${repo}" \
   bash -c "exec $(join_quoted "${train[@]}") ${per_node}"

@@ -374,11 +374,15 @@ def assert_same_as_official(official: dict, metrics: dict) -> None:
     assert (math.isnan(want) and value == 0.0) or abs(want - value) < 1e-6, (name, want, value)
 
 
-def test_metrics_agree_with_official_cityscapes_scripts(tmp_path):
+def write_official_fixture(root: pathlib.Path):
+  """Four `gtFine/val` images (label ids and instance ids) under `root` and corrupted predictions
+  in `root/results`, as the official scripts find them. Returns (ground-truth label-id files,
+  train-id ground truths, train-id predictions)."""
   rng = np.random.default_rng(0)
   eval_ids = np.array([cs_labels.trainId2label[t].id for t in range(19)])
   absent_id = cs_labels.name2label['train'].id        # in neither labels nor predictions
   only_predicted_id = cs_labels.name2label['bus'].id  # predicted, never in the labels
+  has_instances = np.array([cs_labels.id2label[i].hasInstances for i in range(34)])
   gt_files, gts, preds = [], [], []
   for i, city in enumerate(['aachen', 'bonn', 'lindau', 'munster']):
     # Blocks of any raw id 0..33 (ignored ids included), corrupted predictions.
@@ -391,24 +395,56 @@ def test_metrics_agree_with_official_cityscapes_scripts(tmp_path):
     pred[pred == absent_id] = cs_labels.name2label['car'].id
     pred[i, :5] = only_predicted_id
     stem = f'{city}_{i:06d}_000019'
-    gt_path = tmp_path / 'gtFine' / 'val' / city / f'{stem}_gtFine_labelIds.png'
+    gt_path = root / 'gtFine' / 'val' / city / f'{stem}_gtFine_labelIds.png'
     gt_path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(gt).save(gt_path)
-    (tmp_path / 'results').mkdir(exist_ok=True)
-    Image.fromarray(pred).save(tmp_path / 'results' / f'{stem}_leftImg8bit.png')
+    # Instance ids as Cityscapes stores them: id * 1000 + k for the classes with instances (one
+    # instance per 4x4 block), the label id elsewhere; a 16-bit PNG.
+    block = np.kron(np.arange(8 * 16).reshape(8, 16), np.ones((4, 4), np.int64))
+    instances = np.where(has_instances[gt], gt.astype(np.int64) * 1000 + block, gt)
+    Image.fromarray(instances.astype(np.uint16)).save(
+        str(gt_path).replace('_labelIds.png', '_instanceIds.png'))
+    (root / 'results').mkdir(exist_ok=True)
+    Image.fromarray(pred).save(root / 'results' / f'{stem}_leftImg8bit.png')
     gt_files.append(str(gt_path))
     gts.append(cityscapes.label_ids_to_train_ids(gt))
     preds.append(cityscapes.label_ids_to_train_ids(pred))
-  official = official_evaluation(tmp_path / 'results', gt_files)
+  return gt_files, gts, preds
 
+
+def our_metrics(gts, preds) -> dict:
   confusion = eval_lib.confusion_matrix(jnp.asarray(np.stack(preds), jnp.int32),
                                         jnp.asarray(np.stack(gts), jnp.int32), None, 19)
-  metrics = eval_lib.metrics_from_confusion(np.asarray(confusion), cityscapes.CLASS_NAMES,
-                                            ignore_absent_classes=True)
+  return eval_lib.metrics_from_confusion(np.asarray(confusion), cityscapes.CLASS_NAMES,
+                                         ignore_absent_classes=True)
+
+
+def test_metrics_agree_with_official_cityscapes_scripts(tmp_path):
+  gt_files, gts, preds = write_official_fixture(tmp_path)
+  official = official_evaluation(tmp_path / 'results', gt_files)
+  metrics = our_metrics(gts, preds)
   assert math.isnan(official['classScores']['train'])
   assert official['classScores']['bus'] == 0.0
   assert 0.2 < metrics['miou'] < 0.9
   assert_same_as_official(official, metrics)
+
+
+def test_the_readmes_official_command_agrees_with_ours(tmp_path):
+  """`python -m skd_jax.cityscapes_official` as the README runs it: the official
+  csEvalPixelLevelSemanticLabeling with its default options, instance-level scores on."""
+  gt_files, gts, preds = write_official_fixture(tmp_path)
+  env = dict(os.environ, CITYSCAPES_DATASET=str(tmp_path),
+             CITYSCAPES_RESULTS=str(tmp_path / 'results'), CITYSCAPES_EXPORT_DIR=str(tmp_path))
+  out = subprocess.run([sys.executable, '-m', 'skd_jax.cityscapes_official'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  assert 'Traceback' not in out.stderr
+  official = json.loads((tmp_path / 'resultPixelLevelSemanticLabeling.json').read_text())
+  # The instance-level scores were computed (not switched off) and are real IoUs.
+  assert 0 < official['averageScoreInstClasses'] < 1
+  official['classScores'] = {k: float('nan') if v is None else v
+                             for k, v in official['classScores'].items()}
+  assert_same_as_official(official, our_metrics(gts, preds))
 
 
 # ---------------------------------------------------------------------------------------------

