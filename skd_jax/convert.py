@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from skd_jax import checkpoint
 from skd_jax.models import discriminator as disc_lib
 from skd_jax.models.layers import scaled
 from skd_jax.models.resnet import STAGE_SIZES
@@ -729,7 +730,6 @@ def load_torch_backbone(path: PathLike, variables: Mapping[str, Any],
   """
   source = os.fspath(path)
   if os.path.isdir(source):
-    from skd_jax import checkpoint  # pylint: disable=g-import-not-at-top
     loaded, _ = checkpoint.load_variables(source)
     return merge_backbone(variables, loaded)
   state_dict = load_torch_state_dict(path)
@@ -772,7 +772,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='tolerate checkpoint tensors the model does not use')
   args = parser.parse_args(argv)
 
-  from skd_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: slow import)
   state_dict = load_torch_state_dict(args.checkpoint)
   layout = args.layout or detect_layout(list(state_dict), args.checkpoint)
   backbone_only = layout in BACKBONE_LAYOUTS

@@ -37,6 +37,7 @@ from skd_jax import config_base
 from skd_jax import train
 from skd_jax.data import checks
 from skd_jax.data import synthetic
+from skd_jax import experiment
 from test_convert import torch_zip
 # Fixtures, shared with tests/test_train.py.
 from test_train import data_dirs, load_test_config, teacher_export  # noqa: F401
@@ -435,7 +436,7 @@ def test_label_values_outside_the_table_are_counted_and_stop_the_run_above_the_t
   assert not (tmp_path / 'run' / 'checkpoints').exists()
   # Within the tolerance: a warning with the same count, and the run goes on.
   config.data.unknown_label_tolerance = 0.02
-  assert train.prepare_data(config, tmp_path / 'run') == config.data.tfds_data_dir
+  assert experiment.prepare_data(config, tmp_path / 'run') == config.data.tfds_data_dir
   assert (f'hold values outside its table: 200 (50 pixels), {share:.4%} of their pixels (within '
           'data.unknown_label_tolerance = 0.02): they are ignored') in caplog.text
 
@@ -447,7 +448,7 @@ def test_class_count_and_crop_size_are_checked_against_the_data(data_dirs, tmp_p
       'error: data.num_classes = 5, but cityscapes has 19 classes (its labels hold train ids '
       '0..18): set --config.data.num_classes=19.')
   config = student_alone(data_dirs, data__crop_size=(128, 256))
-  train.prepare_data(config, tmp_path / 'run')
+  experiment.prepare_data(config, tmp_path / 'run')
   # The synthetic images are 64x128, the scales 0.75 .. 1.25: the share of a 128x256 crop
   # outside the largest image at 1.25 (80x160) and the smallest at 0.75 (48x96).
   least, most = 1 - 80 * 160 / (128 * 256), 1 - 48 * 96 / (128 * 256)

@@ -33,6 +33,7 @@ from skd_jax import config_base
 from skd_jax import convert
 from skd_jax import sharding as sharding_lib
 from skd_jax import train
+from skd_jax import experiment
 
 FIXTURE = pathlib.Path(__file__).parent / 'data' / 'parity' / 'step_parity.npz'
 
@@ -184,7 +185,7 @@ def stored_state(arrays, fixture, ctx, *, student: str | None, disc: str, count:
 
 def step_context(fixture: dict, variant: str) -> train.StepContext:
   config = parity_config(fixture, variant)
-  return train.make_step_context(config, train.model_from_metadata(config, config.teacher, None))
+  return train.make_step_context(config, experiment.build_model(config, config.teacher))
 
 
 def start_state(arrays, fixture, ctx, step: int, variant: str) -> train.TrainState:
