@@ -129,13 +129,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.log.every_steps = 50
   c.log.num_images = 4
 
-  # `python -m skd_jax.main` with phases runs them in subfolders instead of one run (`skd_jax.demo`):
+  # With phases, `python -m skd_jax.main` runs them in subfolders instead of one run (skd_jax.demo):
   # 'teacher' (config.teacher's network trained alone for teacher_num_steps), 'student' (alone),
   # 'student_skd' (distilled from that teacher). () = one plain run.
   c.demo = ml_collections.ConfigDict()
   c.demo.phases = ()
   c.demo.teacher_num_steps = 0
   return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """`base_config`, for ``--config=skd_jax/config_base.py`` (the default of `skd_jax.convert`)."""
+  return base_config()
 
 
 def segmenter_overrides() -> ml_collections.ConfigDict:

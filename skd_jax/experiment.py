@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from skd_jax import checkpoint as ckpt_lib
-from skd_jax import convert
+from skd_jax import torch_convert
 from skd_jax import evaluator as evaluator_lib
 from skd_jax import inference
 from skd_jax import sharding as sharding_lib
@@ -73,7 +73,7 @@ def build_model(config: ml_collections.ConfigDict, section: ml_collections.Confi
 
 
 def build_discriminator(config: ml_collections.ConfigDict) -> Discriminator:
-  """The critic of ``config.disc`` (reference: the SAGAN discriminator of `models.discriminator`)."""
+  """The critic of ``config.disc`` (the reference's SAGAN discriminator, `models.discriminator`)."""
   return Discriminator(features=tuple(config.disc.features),
                        image_conditioned=config.disc.image_conditioned,
                        min_input_size=config.disc.min_input_size)
@@ -94,7 +94,7 @@ def load_model(config: ml_collections.ConfigDict, section: ml_collections.Config
   back as host (NumPy) arrays, which `jax.device_put` can place on a mesh over several hosts.
   """
   if str(path).endswith(('.pth', '.pt')):
-    variables, recorded_overrides = convert.load_torch_variables(
+    variables, recorded_overrides = torch_convert.load_torch_variables(
         str(path), section.arch, config.data.num_classes, **overrides(section))
     metadata = {'arch': section.arch, 'overrides': recorded_overrides}
   else:
@@ -147,7 +147,7 @@ def pretrained_backbone(config: ml_collections.ConfigDict, student: nn.Module,
     return None
   fresh = jax.jit(lambda: student.init(jax.random.key(config.seed, impl='rbg'),
                                        jnp.zeros((1, *image_shape[1:])), train=False))()
-  return convert.load_torch_backbone(config.student.pretrained, fresh)
+  return torch_convert.load_torch_backbone(config.student.pretrained, fresh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +267,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
   Uses the inference of ``config.eval`` (whole image, sliding window, scales, flip). With
   `export_dir`, also writes each image's prediction there as a Cityscapes label-id PNG (and, with
-  `export_color`, a colour rendering to ``<export_dir>_color``); see `predictions.PredictionExporter`.
+  `export_color`, a colour rendering to ``<export_dir>_color``); see
+  `predictions.PredictionExporter`.
   """
   mesh = sharding_lib.make_mesh(shape=config.mesh)
   per_process_batch = sharding_lib.check_batch_size(config.eval.batch_size, mesh,

@@ -571,7 +571,8 @@ def _evaluate_teacher(config: ml_collections.ConfigDict, teacher: nn.Module,
   """The teacher's mIoU on the eval split (once per run: it is frozen); logs its table."""
   confusion = experiment.config_evaluator(teacher, mesh, config)(teacher_variables, batches)
   metrics = evaluator_lib.metrics_from_confusion(
-      confusion, experiment.class_names(config), ignore_absent_classes=config.eval.ignore_absent_classes)
+      confusion, experiment.class_names(config),
+      ignore_absent_classes=config.eval.ignore_absent_classes)
   logging.info('%s', evaluator_lib.format_table(metrics, 'Teacher:'))
   return metrics['miou']
 
@@ -626,13 +627,15 @@ def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, 
   """The loop of `train_and_evaluate`, from the start (or resumed) state to the last step."""
   num_steps = config.optim.num_steps
   names = experiment.class_names(config)
-  eval_batches = functools.partial(experiment.eval_iterator, config, data_dir, per_process_eval_batch)
+  eval_batches = functools.partial(experiment.eval_iterator, config, data_dir,
+                                   per_process_eval_batch)
   state, state_sharding, meta = _start_state(
       config, ctx, mesh, (per_process_batch, *config.data.crop_size, 3), manager)
   if meta is None:
     meta = {'best_miou': -1.0}
+    hparams = flax.traverse_util.flatten_dict(config.to_dict(), sep='.')
     writer.write_hparams({k: str(v) if isinstance(v, (list, tuple)) else v
-                          for k, v in flax.traverse_util.flatten_dict(config.to_dict(), sep='.').items()})
+                          for k, v in hparams.items()})
   start_step = int(state.step)
 
   evaluator = experiment.config_evaluator(ctx.student, mesh, config)
@@ -686,7 +689,8 @@ def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, 
     nonlocal eval_metrics
     variables = {'params': state.student_params, 'batch_stats': state.student_batch_stats}
     confusion = evaluator(variables, eval_batches())
-    eval_metrics = evaluator_lib.metrics_from_confusion(confusion, names, ignore_absent_classes=absent)
+    eval_metrics = evaluator_lib.metrics_from_confusion(confusion, names,
+                                                        ignore_absent_classes=absent)
     eval_metrics['confusion'] = np.asarray(confusion).tolist()   # in result.json, for checks
     scalars = {'eval/miou': eval_metrics['miou'],
                'eval/pixel_accuracy': eval_metrics['pixel_accuracy'],

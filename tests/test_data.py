@@ -59,7 +59,7 @@ def _coded_example(rng: np.random.Generator, split: str, i: int) -> synthetic.Ex
                            frame=19, image=image.astype(np.uint8), label_ids=label_ids)
 
 
-# The builder's features read as they are stored: its image features reject other sizes than 1024x2048.
+# The builder's features read as stored: its image features reject any size but 1024x2048.
 _ENCODED = {'image_left': tfds.decode.SkipDecoding(),
             'segmentation_label': tfds.decode.SkipDecoding()}
 

@@ -322,6 +322,24 @@ def test_command_line_errors_end_in_one_line(program, flags, env, expected, envi
   assert not (tmp_path / 'out').exists() or program == 'skd_jax.main'   # nothing written
 
 
+def test_a_config_file_with_an_unknown_loss_key_is_one_line_naming_it(environ, tmp_path):
+  """The config file itself sets a key the step does not read (the command line's misspelling is
+  caught by the locked config, above): the run stops before any work, naming the key."""
+  config_file = tmp_path / 'typo.py'
+  config_file.write_text(
+      'import runpy\n\n\ndef get_config():\n'
+      f'  c = runpy.run_path({str(ROOT / "configs" / "test.py")!r})["get_config"]()\n'
+      '  c.loss.lamda_pa = 1.0\n  return c\n')
+  out = subprocess.run([sys.executable, '-m', 'skd_jax.main', f'--config={config_file}',
+                        f'--workdir={tmp_path / "out"}'], cwd=ROOT, env=environ,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1, out.stderr[-3000:]
+  line = last_error(out.stderr)
+  assert line.startswith('error: unknown loss setting(s) config.loss.lamda_pa: the loss settings '
+                         'are aux_weight, gan_loss, lambda_d, '), line
+  assert not (tmp_path / 'out' / 'checkpoints').exists()
+
+
 def one_line_of(program, capsys) -> str:
   """The line `program()` ends with through `cli.run_with_one_line_errors`, as the programs do."""
   capsys.readouterr()

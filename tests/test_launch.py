@@ -443,5 +443,6 @@ def test_notebook_runs_the_tiny_config_on_cpu(tmp_path):
   for shown_input, shown_truth, shown_prediction in split_montage(image, 2, 3, height, width):
     (label_ids,) = [label for img, label in scenes if np.array_equal(img, shown_input)]
     np.testing.assert_array_equal(
-        shown_truth, spec.colorize(np_reference.label_ids_to_train_ids(label_ids), cityscapes.PALETTE))
+        shown_truth,
+        spec.colorize(np_reference.label_ids_to_train_ids(label_ids), cityscapes.PALETTE))
     assert {tuple(c) for c in shown_prediction.reshape(-1, 3).tolist()} <= palette

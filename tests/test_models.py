@@ -330,3 +330,16 @@ def test_dropout_is_settable_from_the_command_line(monkeypatch):
   flag_values(argv)
   model = experiment.build_model(flag_values.config, flag_values.config.student)
   assert (model.head_dropout, model.aux_dropout, model.width_multiplier) == (0.0, 0.0, 1 / 16)
+
+
+def test_every_segmenter_field_a_config_may_set_is_declared_in_the_base_config():
+  """`config_base.segmenter_overrides` lists the Segmenter's fields, each None (the preset's
+  value), but those the config sets elsewhere (num_classes: data.num_classes; dtype, remat)."""
+  import dataclasses
+  from skd_jax import config_base
+  from skd_jax.models import Segmenter
+  fields = {f.name for f in dataclasses.fields(Segmenter)} - {'parent', 'name', 'num_classes',
+                                                              'dtype', 'remat'}
+  declared = config_base.segmenter_overrides()
+  assert set(declared) == fields
+  assert all(value is None for value in declared.values())
