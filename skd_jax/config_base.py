@@ -113,7 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 8           # global
   c.eval.every_steps = 4000
   c.eval.ignore_absent_classes = False   # reference: absent classes count as IoU 0
-  # Inference (any combination; see skd_jax/evaluate.py). The reference reports whole-image,
+  # Inference (any combination; see skd_jax/inference.py). The reference reports whole-image,
   # single-scale, unflipped results; its code also has the sliding window (tiles of crop_size,
   # 1/3 overlap), multi-scale and flip.
   c.eval.sliding_window = False

@@ -86,7 +86,7 @@ def detect_layout(keys: Sequence[str], path: str = '<checkpoint>') -> str:
          for k in keys):
     raise ConversionError(
         f'{path} holds the reference\'s discriminator ({", ".join(keys[:3])}, ...), not a '
-        'segmentation network: convert it with skd_jax.convert.load_torch_discriminator')
+        'segmentation network: convert it with skd_jax.torch_convert.load_torch_discriminator')
   if any(k.startswith(('pretrained.', 'head.aspp.', 'auxlayer.')) for k in keys):
     return 'cirkd'
   if any(k.startswith(('pspmodule.', 'dsn.', 'head.0.', 'head.1.')) for k in keys):

@@ -40,7 +40,7 @@ from skd_jax.data import pipeline
 from skd_jax.data import synthetic
 from skd_jax.models import create_segmenter
 from skd_jax import inference
-from skd_jax import evaluator
+from skd_jax import evaluator as evaluator_lib
 from skd_jax import predictions
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -221,7 +221,7 @@ def check_evaluator(model, variables, forward, batch, mesh, options, *, num_clas
   """`make_evaluator` with `options` on one batch: predictions and the confusion matrix against
   the brute force; returns the matrix."""
   want = brute_force(forward, batch, options)
-  evaluator = evaluator.make_evaluator(model, mesh, num_classes=num_classes, ignore_label=255,
+  evaluator = evaluator_lib.make_evaluator(model, mesh, num_classes=num_classes, ignore_label=255,
                                       **options)
   seen = []
   confusion = evaluator(variables, [batch], on_predictions=lambda b, p: seen.append(p))
@@ -404,9 +404,9 @@ def test_metrics_agree_with_official_cityscapes_scripts(tmp_path):
     preds.append(np_reference.label_ids_to_train_ids(pred))
   official = official_evaluation(tmp_path / 'results', gt_files)
 
-  confusion = evaluator.confusion_matrix(jnp.asarray(np.stack(preds), jnp.int32),
+  confusion = evaluator_lib.confusion_matrix(jnp.asarray(np.stack(preds), jnp.int32),
                                         jnp.asarray(np.stack(gts), jnp.int32), None, 19)
-  metrics = evaluator.metrics_from_confusion(np.asarray(confusion), cityscapes.CLASS_NAMES,
+  metrics = evaluator_lib.metrics_from_confusion(np.asarray(confusion), cityscapes.CLASS_NAMES,
                                             ignore_absent_classes=True)
   assert math.isnan(official['classScores']['train'])
   assert official['classScores']['bus'] == 0.0
@@ -453,7 +453,7 @@ def test_export_writes_label_id_pngs_the_official_scripts_accept(dataset, tmp_pa
   model, variables, forward = fake_model(seed=4, num_classes=19)
   export_dir = tmp_path / 'results'
   exporter = predictions.prediction_exporter(dataset['data_dir'], 'val', export_dir, color=True)
-  evaluator = evaluator.make_evaluator(model, sharding_lib.make_mesh(), num_classes=19)
+  evaluator = evaluator_lib.make_evaluator(model, sharding_lib.make_mesh(), num_classes=19)
   # 3 images in batches of 2: the last batch has a padding row, which must not be written.
   batches = pipeline.make_eval_iterator(data_dir=dataset['data_dir'], split='val', batch_size=2,
                                         normalization='caffe_bgr')
@@ -483,7 +483,7 @@ def test_export_writes_label_id_pngs_the_official_scripts_accept(dataset, tmp_pa
     gt_files.append(str(gt_path))
 
   official = official_evaluation(export_dir, gt_files)
-  assert_same_as_official(official, evaluator.metrics_from_confusion(
+  assert_same_as_official(official, evaluator_lib.metrics_from_confusion(
       confusion, cityscapes.CLASS_NAMES, ignore_absent_classes=True))
 
 

@@ -21,7 +21,7 @@ from skd_jax import config_base
 from skd_jax import sharding as sharding_lib
 from skd_jax import train
 from skd_jax import experiment
-from skd_jax import evaluator
+from skd_jax import evaluator as evaluator_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -153,7 +153,7 @@ def test_confusion_matrix_and_metrics_match_numpy():
   label[0, :2] = 255
   pred = rng.integers(0, 5, (3, 7, 9))
   mask = np.array([True, True, False])
-  got = np.asarray(evaluator.confusion_matrix(jnp.asarray(pred), jnp.asarray(label),
+  got = np.asarray(evaluator_lib.confusion_matrix(jnp.asarray(pred), jnp.asarray(label),
                                              jnp.asarray(mask), 5))
   want = np.zeros((5, 5), np.int64)
   for n in range(2):
@@ -161,7 +161,7 @@ def test_confusion_matrix_and_metrics_match_numpy():
       if y != 255:
         want[y, p] += 1
   np.testing.assert_array_equal(got, want)
-  metrics = evaluator.metrics_from_confusion(want, list('abcde'))
+  metrics = evaluator_lib.metrics_from_confusion(want, list('abcde'))
   iou = [want[c, c] / (want[c].sum() + want[:, c].sum() - want[c, c]) for c in range(5)]
   assert metrics['miou'] == pytest.approx(np.mean(iou))
   assert metrics['per_class_iou']['c'] == pytest.approx(iou[2])
@@ -169,8 +169,8 @@ def test_confusion_matrix_and_metrics_match_numpy():
   # A class absent from labels and predictions: IoU 0 in the reference mean, left out optionally.
   want[3, :] = 0
   want[:, 3] = 0
-  ref = evaluator.metrics_from_confusion(want)
-  present = evaluator.metrics_from_confusion(want, ignore_absent_classes=True)
+  ref = evaluator_lib.metrics_from_confusion(want)
+  present = evaluator_lib.metrics_from_confusion(want, ignore_absent_classes=True)
   assert ref['miou'] == pytest.approx(present['miou'] * 4 / 5)
 
 
