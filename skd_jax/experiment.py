@@ -64,11 +64,11 @@ def build_model(config: ml_collections.ConfigDict, section: ml_collections.Confi
   metadata = metadata or {}
   arch = metadata.get('arch', section.arch)
   configured = overrides(section)
-  model_overrides = dict(configured, **metadata.get('overrides', {}))
+  recorded = {k: v for k, v in metadata.get('overrides', {}).items() if v is not None}
+  model_overrides = dict(configured, **recorded)
   if arch != section.arch or model_overrides != configured:
     logging.warning('the checkpoint was written for %s %s; the config says %s %s: using the '
-                    'checkpoint\'s', arch, metadata.get('overrides', {}), section.arch,
-                    configured)
+                    'checkpoint\'s', arch, recorded, section.arch, configured)
   return create_segmenter(arch, config.data.num_classes, dtype=config.dtype, **model_overrides)
 
 

@@ -365,7 +365,9 @@ def test_wrong_architecture_or_classes_on_resume_are_one_line_before_restoring(
   before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob('*'))
   config = student_alone(data_dirs, student__arch='deeplabv3_resnet18')
   line = one_line_of(lambda: train.train_and_evaluate(config, workdir), capsys)
-  overrides = json.loads(json.dumps(dict(config.student.overrides)))   # as the meta records them
+  # As the meta records them: the overrides that are set (None = the preset's value).
+  overrides = json.loads(json.dumps({k: v for k, v in config.student.overrides.items()
+                                     if v is not None}))
   assert line == (
       f'error: {workdir / "checkpoints" / str(NUM_STEPS)} was written for pspnet_resnet18 '
       f'{overrides} with 19 classes, but the config asks for deeplabv3_resnet18 {overrides} '
