@@ -182,7 +182,7 @@ REFERENCE = textwrap.dedent('''
     import jax, numpy as np
     sys.path.insert(0, 'tests')
     from test_train import load_test_config, one_step_errors
-    from skd_jax import checkpoint as ckpt_lib, sharding as sharding_lib, train
+    from skd_jax import checkpoint as ckpt_lib, experiment, sharding as sharding_lib, train
     workdir, teacher_path, num_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     assert jax.process_count() == 1 and jax.device_count() == 8, jax.devices()
     config = load_test_config()
