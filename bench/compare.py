@@ -97,12 +97,12 @@ def torch_args(config: ml_collections.ConfigDict, distil: bool) -> list[str]:
   args = [f'--crop={h},{w}', f'--batch={config.optim.batch_size}',
           f'--variant={"skd" if distil else "student"}', f'--num_classes={config.data.num_classes}',
           f'--student_depth={_depth(config.student, "student")}',
-          f'--student_width={config.student.overrides.get("width_multiplier", 1.0)}',
+          f'--student_width={config.student.overrides.get("width_multiplier") or 1.0}',
           f'--dtype={config.dtype}', f'--device={FLAGS.torch_device}',
           f'--num_steps={config.optim.num_steps}', f'--pi_reduction={loss.pi_reduction}']
   if distil:
     args += [f'--teacher_depth={_depth(config.teacher, "teacher")}',
-             f'--teacher_width={config.teacher.overrides.get("width_multiplier", 1.0)}',
+             f'--teacher_width={config.teacher.overrides.get("width_multiplier") or 1.0}',
              f'--disc_features={",".join(str(f) for f in config.disc.features)}',
              f'--disc_min_input_size={config.disc.min_input_size}']
   return args

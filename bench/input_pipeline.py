@@ -31,6 +31,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from skd_jax import config_base  # pylint: disable=g-import-not-at-top
+from skd_jax.data import cityscapes  # pylint: disable=g-import-not-at-top
 from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 from skd_jax.data import synthetic  # pylint: disable=g-import-not-at-top
 
@@ -52,7 +53,7 @@ def usable_cores() -> int:
 def prepare(data_dir: str, num_images: int) -> str:
   """Writes and prepares the full-size synthetic dataset once; returns the tfds data dir."""
   manual, tfds_dir = os.path.join(data_dir, 'manual'), os.path.join(data_dir, 'tfds')
-  if not all(os.path.exists(os.path.join(manual, z)) for z in pipeline.CITYSCAPES_ZIPS):
+  if not all(os.path.exists(os.path.join(manual, z)) for z in cityscapes.CITYSCAPES_ZIPS):
     start = time.time()
     # The builder needs all three splits; only train is timed.
     synthetic.write_synthetic_cityscapes(manual, num_train=num_images, num_val=1, num_test=1,
@@ -69,11 +70,11 @@ def prepare(data_dir: str, num_images: int) -> str:
 
 def decode_seconds(manual_dir: str, repeats: int = 5) -> float:
   """Median single-threaded time to decode one full-size image + label PNG pair."""
-  with zipfile.ZipFile(os.path.join(manual_dir, synthetic.LEFT_IMG_ZIP)) as z:
+  with zipfile.ZipFile(os.path.join(manual_dir, cityscapes.LEFT_IMAGE_ZIP)) as z:
     name = next(n for n in z.namelist() if n.endswith('_leftImg8bit.png'))
     image_png = z.read(name)
   gt_name = ('gtFine' + name[len('leftImg8bit'):-len('leftImg8bit.png')] + 'gtFine_labelIds.png')
-  with zipfile.ZipFile(os.path.join(manual_dir, synthetic.GT_FINE_ZIP)) as z:
+  with zipfile.ZipFile(os.path.join(manual_dir, cityscapes.GT_FINE_ZIP)) as z:
     label_png = z.read(gt_name)
   times = []
   for _ in range(repeats):

@@ -46,9 +46,10 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from skd_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
 from skd_jax import export  # pylint: disable=g-import-not-at-top
 from skd_jax import train  # pylint: disable=g-import-not-at-top
+from skd_jax import experiment
+from skd_jax import inference
 # Scripts beside this one (argparse here, so throughput's absl flags are never parsed).
 from pair_wise import fmt_bytes, physical_memory  # pylint: disable=g-import-not-at-top
 from throughput import hardware, peak_bytes, xla_flops  # pylint: disable=g-import-not-at-top
@@ -96,7 +97,7 @@ def count(tree) -> int:
 def compiled_inference(model, variables, normalization: str, batch: int,
                        size: tuple[int, int]):
   """The export's computation, compiled for uint8 images [batch, H, W, 3]; variables an argument."""
-  serve = jax.jit(export.serving_fn(model, normalization, eval_lib.InferenceMode()))
+  serve = jax.jit(export.serving_fn(model, normalization, inference.InferenceMode()))
   return serve.lower(variables, jax.ShapeDtypeStruct((batch, *size, 3), jnp.uint8)).compile()
 
 
@@ -120,7 +121,7 @@ def time_calls(compiled, variables, images, warmup: int, repeats: int) -> list[f
 def measure(config: ml_collections.ConfigDict, which: str, size: tuple[int, int], args,
             log) -> dict[str, Any]:
   """Counts, and timings at batch 1 and args.batch, of the config's `which` network."""
-  model = train.model_from_metadata(config, config[which], None)
+  model = experiment.build_model(config, config[which])
   init = jax.jit(lambda: model.init(jax.random.key(0, impl='rbg'), jnp.zeros((1, 64, 64, 3)),
                                     train=False))
   full_variables = init()

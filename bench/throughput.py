@@ -59,6 +59,7 @@ from skd_jax import config_base  # pylint: disable=g-import-not-at-top
 from skd_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
 from skd_jax import train  # pylint: disable=g-import-not-at-top
 from skd_jax.models import discriminator as disc_lib  # pylint: disable=g-import-not-at-top
+from skd_jax import experiment
 # bench/pair_wise.py, beside this script.
 from pair_wise import fmt_bytes  # pylint: disable=g-import-not-at-top
 import xla_profile  # pylint: disable=g-import-not-at-top
@@ -131,7 +132,7 @@ def random_batch(rng: np.random.Generator, batch: int, crop: tuple[int, int],
 
 def random_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """(teacher module, randomly initialised variables placed as the trainer places them)."""
-  model = train.model_from_metadata(config, config.teacher, None)
+  model = experiment.build_model(config, config.teacher)
   init = lambda: model.init(jax.random.key(config.seed + 1, impl='rbg'),
                             jnp.zeros((1, 64, 64, 3)), train=False)
   sharding = sharding_lib.model_parallel(jax.eval_shape(init), mesh)
@@ -142,7 +143,7 @@ def check_discriminator_input(config: ml_collections.ConfigDict, crop: tuple[int
   """A clear error, naming the fix, when the crop's logits are too small for the critic."""
   if not train.loss_config(config).uses_disc or config.disc.min_input_size:
     return
-  student = train.student_model(config)
+  student = experiment.build_model(config, config.student)
   images = jnp.zeros((1, *crop, 3))
   logits = jax.eval_shape(lambda: student.apply(
       student.init(jax.random.key(0, impl='rbg'), images, train=False), images, train=False))[0]

@@ -21,8 +21,8 @@ from skd_jax import config_base
 
 def get_config():
   c = config_base.base_config()
-  c.phases = ('teacher', 'student', 'student_skd')
-  c.teacher_num_steps = 900
+  c.demo.phases = ('teacher', 'student', 'student_skd')
+  c.demo.teacher_num_steps = 900
 
   c.data.synthetic = True
   c.data.synthetic_num_train = 200

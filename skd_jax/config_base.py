@@ -7,6 +7,7 @@ locked when loaded through `--config=`, so a misspelt override is an error.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -51,7 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.student = ml_collections.ConfigDict()
   c.student.arch = 'pspnet_resnet18'
-  c.student.overrides = ml_collections.ConfigDict()   # any Segmenter field, e.g. width_multiplier
+  # Any Segmenter field (skd_jax/models/segmenter.py), e.g. width_multiplier; None = the preset's
+  # value for the architecture.
+  c.student.overrides = segmenter_overrides()
   # The dropout rates of the reference's heads, here so that the command line can set them
   # (--config.student.overrides.head_dropout=0 for a deterministic student, as in a parity check).
   c.student.overrides.head_dropout = 0.1
@@ -60,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.arch = 'pspnet_resnet101'
-  c.teacher.overrides = ml_collections.ConfigDict()
+  c.teacher.overrides = segmenter_overrides()
   c.teacher.checkpoint = ''       # a teacher run's workdir, a `skd_jax.convert` export, or a .pth
 
   c.disc = ml_collections.ConfigDict()
@@ -135,7 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 8           # global
   c.eval.every_steps = 4000
   c.eval.ignore_absent_classes = False   # reference: absent classes count as IoU 0
-  # Inference (any combination; see skd_jax/evaluate.py). The reference reports whole-image,
+  # Inference (any combination; see skd_jax/inference.py). The reference reports whole-image,
   # single-scale, unflipped results; its code also has the sliding window (tiles of crop_size,
   # 1/3 overlap), multi-scale and flip.
   c.eval.sliding_window = False
@@ -150,7 +153,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 50
   c.log.num_images = 4
+
+  # With phases, `python -m skd_jax.main` runs them in subfolders instead of one run (skd_jax.demo):
+  # 'teacher' (config.teacher's network trained alone for teacher_num_steps), 'student' (alone),
+  # 'student_skd' (distilled from that teacher). () = one plain run.
+  c.demo = ml_collections.ConfigDict()
+  c.demo.phases = ()
+  c.demo.teacher_num_steps = 0
   return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """`base_config`, for ``--config=skd_jax/config_base.py`` (the default of `skd_jax.convert`)."""
+  return base_config()
+
+
+def segmenter_overrides() -> ml_collections.ConfigDict:
+  """Every `Segmenter` field a config may set, each None (= the architecture preset's value).
+
+  `skd_jax.models.create_segmenter` takes the ones that are not None; the test suite checks that
+  this list is the Segmenter's fields but num_classes, dtype and remat (the config's own keys).
+  """
+  fields = {'depth': int, 'head': str, 'head_channels': int, 'aux_channels': int,
+            'head_dropout': float, 'aspp_dropout': float, 'aux_dropout': float,
+            'output_stride': int, 'dilation_schedule': str, 'stem_ceil_mode': bool,
+            'width_multiplier': float, 'stem': str, 'bn_momentum': float}
+  return ml_collections.ConfigDict(
+      {name: config_dict.placeholder(kind) for name, kind in fields.items()})
 
 
 def distillation_off(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

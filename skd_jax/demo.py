@@ -27,16 +27,15 @@ PHASES = ('teacher', 'student', 'student_skd')
 
 def phase_config(config: ml_collections.ConfigDict, phase: str,
                  workdir) -> ml_collections.ConfigDict:
-  """The config of one phase: a plain run config (no `phases`)."""
+  """The config of one phase: a plain run config (no `demo.phases`)."""
   c = ml_collections.ConfigDict(config.to_dict())
-  del c['phases']
-  del c['teacher_num_steps']
+  c.demo.phases = ()
   c.data.manual_dir = c.data.manual_dir or str(workdir / 'data' / 'manual')
   c.data.tfds_data_dir = c.data.tfds_data_dir or str(workdir / 'data' / 'tfds')
   if phase == 'teacher':
     c.student.arch = config.teacher.arch
     c.student.overrides = ml_collections.ConfigDict(config.teacher.overrides.to_dict())
-    c.optim.num_steps = config.teacher_num_steps
+    c.optim.num_steps = config.demo.teacher_num_steps
     config_base.distillation_off(c)
   elif phase == 'student':
     config_base.distillation_off(c)
@@ -48,10 +47,10 @@ def phase_config(config: ml_collections.ConfigDict, phase: str,
 
 
 def run_phases(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Runs `config.phases` in order and returns {phase: final mIoU}."""
+  """Runs `config.demo.phases` in order and returns {phase: final mIoU}."""
   workdir = as_path(workdir)
   results, timings = {}, {}
-  for phase in config.phases:
+  for phase in config.demo.phases:
     start = time.time()
     logging.info('=== demo phase %s ===', phase)
     result = train.train_and_evaluate(phase_config(config, phase, workdir), workdir / phase)

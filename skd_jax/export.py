@@ -13,7 +13,7 @@ folder; an export of `skd_jax.convert`; or a PyTorch .pth; ``--model=teacher`` d
 
 with the config's normalisation (``data.normalization``), its evaluation inference
 (``config.eval``: by default the whole image, logits at 1/8 upsampled with align_corners=True to
-the input size; `evaluate.predict` itself is traced) and the argmax inside. Each of N, H, W is a
+the input size; `inference.predict` itself is traced) and the argmax inside. Each of N, H, W is a
 fixed size or a symbolic one (``--input_shape=b,h,w``, the default, takes any batch and image
 size; ``1,1024,2048`` fixes all three). OUT receives:
 
@@ -45,16 +45,18 @@ from typing import Any, Callable, Sequence
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import logging  # pylint: disable=g-import-not-at-top
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
 import jax  # pylint: disable=g-import-not-at-top
 from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from skd_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
-from skd_jax import train  # pylint: disable=g-import-not-at-top
+from skd_jax import cli  # pylint: disable=g-import-not-at-top
+from skd_jax import experiment  # pylint: disable=g-import-not-at-top
+from skd_jax import inference  # pylint: disable=g-import-not-at-top
 from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 from skd_jax.paths import as_path  # pylint: disable=g-import-not-at-top
 
@@ -83,10 +85,10 @@ def normalize(images: jax.Array, normalization: str) -> jax.Array:
                    f'{pipeline.NORMALIZATIONS}')
 
 
-def serving_fn(model, normalization: str, mode: eval_lib.InferenceMode) -> ServeFn:
-  """The exported computation: normalise, `evaluate.predict` at the input size, argmax."""
+def serving_fn(model, normalization: str, mode: inference.InferenceMode) -> ServeFn:
+  """The exported computation: normalise, `inference.predict` at the input size, argmax."""
   def serve(variables, images):
-    logits = eval_lib.predict(model, variables, normalize(images, normalization),
+    logits = inference.predict(model, variables, normalize(images, normalization),
                               images.shape[1:3], mode)
     return {'labels': jnp.argmax(logits, axis=-1).astype(jnp.int32), 'logits': logits}
   return serve
@@ -110,7 +112,7 @@ def parse_input_shape(text: str) -> str:
   return ', '.join(dims + ['3'])
 
 
-def check_inference(mode: eval_lib.InferenceMode, spec: str) -> None:
+def check_inference(mode: inference.InferenceMode, spec: str) -> None:
   """A ValueError when `mode` needs the image size that `spec` leaves symbolic."""
   if not any(map(jax.export.is_symbolic_dim, jax.export.symbolic_shape(spec)[1:3])):
     return
@@ -147,7 +149,7 @@ def export_saved_model(serve: ServeFn, variables, spec: str, platforms: Sequence
 
 
 def metadata(config: ml_collections.ConfigDict, model, which: str, checkpoint: str, spec: str,
-             mode: eval_lib.InferenceMode, files: dict[str, str],
+             mode: inference.InferenceMode, files: dict[str, str],
              platforms: Sequence[str]) -> dict[str, Any]:
   """What a client needs beside the artefact: classes, colours, input and output specs."""
   info = pipeline.dataset_info(config.data.dataset)
@@ -218,7 +220,7 @@ def export_model(config: ml_collections.ConfigDict, out: str, *, checkpoint: str
   if which not in ('student', 'teacher'):
     raise ValueError(f'--model={which}: expected student or teacher')
   spec = parse_input_shape(input_shape)
-  mode = eval_lib.InferenceMode(**eval_lib.inference_options(config))
+  mode = inference.InferenceMode(**inference.inference_options(config))
   check_inference(mode, spec)
   if config.data.normalization not in pipeline.NORMALIZATIONS:
     raise ValueError(f'unknown data.normalization {config.data.normalization!r}, expected one of '
@@ -229,7 +231,7 @@ def export_model(config: ml_collections.ConfigDict, out: str, *, checkpoint: str
                      'an export of `python -m skd_jax.convert` or a .pth file')
   out_dir = writable_dir(out)
 
-  model, variables = without_aux_head(*train.load_model(config, config[which], checkpoint))
+  model, variables = without_aux_head(*experiment.load_model(config, config[which], checkpoint))
   serve = serving_fn(model, config.data.normalization, mode)
   files = {}
   if 'jax' in formats:
@@ -249,7 +251,6 @@ def export_model(config: ml_collections.ConfigDict, out: str, *, checkpoint: str
 
 def export_and_report() -> None:
   """The program: exports as the flags say and prints what it wrote."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   fl = flags.FLAGS
   meta = export_model(fl.config, fl.out, checkpoint=fl.checkpoint, which=fl.model,
                       input_shape=fl.input_shape, formats=fl.formats, platforms=fl.platforms)
@@ -268,17 +269,12 @@ def export_and_report() -> None:
 
 
 def main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from skd_jax import cli  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   cli.run(export_and_report)
 
 
 if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from skd_jax import cli  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
   flags.DEFINE_string('checkpoint', None,
                       'The network: a run\'s workdir (its best checkpoint, else its latest), a '
@@ -295,5 +291,6 @@ if __name__ == '__main__':
   flags.DEFINE_list('platforms', list(PLATFORMS),
                     f'Platforms the artefacts run on: {", ".join(PLATFORMS)}.')
   cli.define_multihost_flags()
+  flags.adopt_module_key_flags(cli)   # the multi-host flags in --help
   flags.mark_flags_as_required(['config', 'out'])
   app.run(main)

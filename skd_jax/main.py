@@ -3,8 +3,8 @@ r"""Trains a segmentation network, with or without distillation from a frozen te
     python -m skd_jax.main --config=configs/cityscapes.py --workdir=/path/to/run \
         [--config.loss.lambda_pa=10 ...]
 
-A run resumes from the latest checkpoint in its workdir. Configs whose `phases` list several runs
-(configs/demo.py) run each in a subfolder and summarise them.
+A run resumes from the latest checkpoint in its workdir. A config whose `demo.phases` lists runs
+(configs/demo.py) runs each in a subfolder and summarises them (`skd_jax.demo`).
 
 Multi-host: the same command on every host. On a Cloud TPU VM slice or a TPU pod on GKE, under
 Slurm (`srun`) or Open MPI (`mpirun`) with several tasks, `jax.distributed` starts by itself
@@ -29,27 +29,22 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-im
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 from skd_jax import cli  # pylint: disable=g-import-not-at-top
+from skd_jax import demo  # pylint: disable=g-import-not-at-top
 from skd_jax import train  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 cli.define_multihost_flags()
+flags.adopt_module_key_flags(cli)   # the multi-host flags in --help
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def train_or_run_phases() -> None:
-  if 'phases' in FLAGS.config:
-    from skd_jax import demo  # pylint: disable=g-import-not-at-top
-    demo.run_phases(FLAGS.config, FLAGS.workdir)
-  else:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.run(train_or_run_phases)
+  program = demo.run_phases if FLAGS.config.demo.phases else train.train_and_evaluate
+  cli.run(lambda: program(FLAGS.config, FLAGS.workdir))
 
 
 if __name__ == '__main__':

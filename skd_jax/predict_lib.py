@@ -16,7 +16,7 @@ Images are decoded by Pillow (JPEG, PNG, and whatever else it reads; grey, palet
 become RGB, the alpha dropped), turned upright by their EXIF orientation (as a photo viewer shows
 them; training data has none), at any size. The network sees exactly what `evaluate` would:
 the config's normalisation, its inference mode (whole image, sliding window, scales, flip, at the
-image's own size) and the argmax, through `export.serving_fn` (which calls `evaluate.predict`).
+image's own size) and the argmax, through `export.serving_fn` (which calls `inference.predict`).
 
 Mixed sizes are **grouped by size**, not padded: each batch holds images of one size only. Padding
 to a common size would change the prediction (the network's receptive field and the pyramid
@@ -50,12 +50,12 @@ import numpy as np
 from PIL import Image, ImageOps
 import tensorflow as tf
 
-from skd_jax import evaluate as eval_lib
+from skd_jax import experiment
 from skd_jax import export as export_lib
-from skd_jax import train
-from skd_jax.data import cityscapes
+from skd_jax import inference
 from skd_jax.data import datasets
 from skd_jax.data import pipeline
+from skd_jax.data import spec
 from skd_jax.paths import as_path
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
@@ -269,7 +269,7 @@ def label_id_table(dataset: str, num_classes: int) -> np.ndarray:
     if not len(values):
       raise ValueError(f'--label_ids: the {dataset} table has no label id for train id '
                        f'{train_id} (the network predicts {num_classes} classes, the dataset has '
-                       f'{int((lut != datasets.IGNORE_LABEL).sum())}); write train ids instead '
+                       f'{int((lut != spec.IGNORE_LABEL).sum())}); write train ids instead '
                        f'(leave out --label_ids).')
     table.append(values[0])
   return np.asarray(table, np.int32)
@@ -322,12 +322,12 @@ def model_predictor(config: ml_collections.ConfigDict, checkpoint: str,
                     which: str = 'student') -> Predictor:
   """A `Predictor` from a run's workdir (best, else latest), a step folder, a convert export or a
   PyTorch .pth, with the config's normalisation and inference (``config.eval``)."""
-  mode = eval_lib.InferenceMode(**eval_lib.inference_options(config))
+  mode = inference.InferenceMode(**inference.inference_options(config))
   if config.data.normalization not in pipeline.NORMALIZATIONS:
     raise ValueError(f'unknown data.normalization {config.data.normalization!r}, expected one of '
                      f'{pipeline.NORMALIZATIONS}')
   model, variables = export_lib.without_aux_head(
-      *train.load_model(config, config[which], checkpoint))
+      *experiment.load_model(config, config[which], checkpoint))
   serve = export_lib.serving_fn(model, config.data.normalization, mode)
   variables = jax.device_put(variables)
   labels = jax.jit(lambda v, images: serve(v, images)['labels'])
@@ -356,7 +356,7 @@ def check_source(checkpoint: str, config: ml_collections.ConfigDict | None) -> N
 
 def load_predictor(checkpoint: str, config: ml_collections.ConfigDict | None,
                    which: str = 'student') -> Predictor:
-  """The `Predictor` of `checkpoint`: an `skd_jax.export` folder, or what `train.load_model`
+  """The `Predictor` of `checkpoint`: an `skd_jax.export` folder, or what `experiment.load_model`
   reads (which needs the training config)."""
   check_source(checkpoint, config)
   if tf.io.gfile.isdir(checkpoint) and is_serving_export(checkpoint):
@@ -370,7 +370,7 @@ def load_predictor(checkpoint: str, config: ml_collections.ConfigDict | None,
 
 def colour_mask(train_ids: np.ndarray, palette: np.ndarray) -> np.ndarray:
   """[H, W] train ids -> [H, W, 3] uint8 RGB in `palette`."""
-  return cityscapes.colorize(train_ids, palette)
+  return spec.colorize(train_ids, palette)
 
 
 def overlay(photo: np.ndarray, mask: np.ndarray, opacity: float) -> np.ndarray:

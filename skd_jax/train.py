@@ -29,13 +29,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import pathlib
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from absl import logging
-from clu import metric_writers, periodic_actions
 import flax
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -43,13 +42,14 @@ import numpy as np
 import optax
 
 from skd_jax import checkpoint as ckpt_lib
-from skd_jax import evaluate as eval_lib
+from skd_jax import evaluator as evaluator_lib
+from skd_jax import experiment
+from skd_jax import inference
 from skd_jax import losses
 from skd_jax import sharding as sharding_lib
-from skd_jax.models import create_segmenter
+from skd_jax.data import spec
 from skd_jax.models.adapters import ChannelAdapter
 from skd_jax.models import discriminator as disc_lib
-from skd_jax.models.discriminator import Discriminator
 from skd_jax.paths import as_path
 
 PyTree = Any
@@ -83,38 +83,39 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """The loss weights and options of one step (see `configs/cityscapes.py` for their meaning)."""
-  aux_weight: float = 0.4
-  lambda_pi: float = 10.0
-  lambda_pa: float = 0.5
-  lambda_ho: float = 0.1
-  lambda_d: float = 0.1
-  lambda_gp: float = 10.0
-  gan_loss: str = 'wgan_gp'
-  pi_temperature: float = 1.0
-  pi_reduction: str = 'batch_sum'
-  pa_pool: str = 'max'
-  pa_pool_scale: float = 0.5
-  pa_pool_kernel: int = 0
-  pa_alpha: int = 0
-  pa_detach_norm: bool = True
-  ohem: bool = False
-  ohem_thresh: float = 0.7
-  ohem_min_kept: int = 100000
-  # The methods SKD is compared with (config_base explains each; 0 = absent from the step).
-  kd_weight: float = 0.0
-  kd_temperature: float = 1.0
-  cwd_logit_weight: float = 0.0
-  cwd_feature_weight: float = 0.0
-  cwd_temperature: float = 4.0
-  cwd_divisor: str = 'student'
-  dist_weight: float = 0.0
-  dist_aux_weight: float = 0.0
-  dist_beta: float = 1.0
-  dist_gamma: float = 1.0
-  dist_temperature: float = 1.0
-  dist_groups: int = 1
-  ignore_label: int = 255
+  """The loss weights and options of one step: ``config.loss`` (`config_base`, where each has its
+  value and meaning) and ``config.data.ignore_label``. No defaults here: `loss_config` builds it."""
+  aux_weight: float
+  lambda_pi: float
+  lambda_pa: float
+  lambda_ho: float
+  lambda_d: float
+  lambda_gp: float
+  gan_loss: str
+  pi_temperature: float
+  pi_reduction: str
+  pa_pool: str
+  pa_pool_scale: float
+  pa_pool_kernel: int
+  pa_alpha: int
+  pa_detach_norm: bool
+  ohem: bool
+  ohem_thresh: float
+  ohem_min_kept: int
+  # The methods SKD is compared with (config_base explains each; weight 0 = absent from the step).
+  kd_weight: float
+  kd_temperature: float
+  cwd_logit_weight: float
+  cwd_feature_weight: float
+  cwd_temperature: float
+  cwd_divisor: str
+  dist_weight: float
+  dist_aux_weight: float
+  dist_beta: float
+  dist_gamma: float
+  dist_temperature: float
+  dist_groups: int
+  ignore_label: int
 
   def __post_init__(self):
     if self.gan_loss not in ('wgan_gp', 'hinge'):
@@ -383,152 +384,17 @@ def _method_terms(ctx: StepContext, logits, aux_logits, feature, adapter_params,
 
 
 def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
-  fields = {f.name for f in dataclasses.fields(LossConfig)}
-  values = {k: v for k, v in config.loss.items() if k in fields}
-  values['ignore_label'] = config.data.ignore_label
-  return LossConfig(**values)
-
-
-def student_model(config: ml_collections.ConfigDict):
-  # config.remat trades memory for time in training only, so it is not part of the model's
-  # metadata: a resumed run takes the command line's.
-  return model_from_metadata(config, config.student, None).clone(remat=config.remat)
-
-
-def model_from_metadata(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
-                        metadata: dict[str, Any] | None):
-  """The network a checkpoint was written for; the config's `section` fills what it lacks.
-
-  A checkpoint's own record of its architecture wins over the config (it is what the weights
-  fit); a disagreement is logged.
-  """
-  metadata = metadata or {}
-  arch = metadata.get('arch', section.arch)
-  overrides = dict(dict(section.overrides), **metadata.get('overrides', {}))
-  if arch != section.arch or overrides != dict(section.overrides):
-    logging.warning('the checkpoint was written for %s %s; the config says %s %s: using the '
-                    'checkpoint\'s', arch, metadata.get('overrides', {}), section.arch,
-                    dict(section.overrides))
-  return create_segmenter(arch, config.data.num_classes, dtype=config.dtype, **overrides)
-
-
-def discriminator(config: ml_collections.ConfigDict) -> Discriminator:
-  return Discriminator(features=tuple(config.disc.features),
-                       image_conditioned=config.disc.image_conditioned,
-                       min_input_size=config.disc.min_input_size)
-
-
-def model_metadata(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return {'arch': config.student.arch, 'num_classes': config.data.num_classes,
-          'overrides': dict(config.student.overrides)}
-
-
-def load_model(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
-               path: str | pathlib.Path):
-  """(module, variables) of a network from a run's workdir, a checkpoint, an export or a .pth.
-
-  `section` (config.teacher or config.student) gives the architecture where the checkpoint does
-  not record it (a .pth); the variables are checked against the network before use. They come
-  back as host (NumPy) arrays, which `jax.device_put` can place on a mesh over several hosts.
-  """
-  if str(path).endswith(('.pth', '.pt')):
-    from skd_jax import convert  # pylint: disable=g-import-not-at-top
-    variables, overrides = convert.load_torch_variables(
-        str(path), section.arch, config.data.num_classes, **dict(section.overrides))
-    metadata = {'arch': section.arch, 'overrides': overrides}
-  else:
-    variables, metadata = ckpt_lib.load_variables(path)
-    recorded = metadata.get('num_classes')
-    if recorded is not None and recorded != config.data.num_classes:
-      raise ValueError(
-          f'checkpoint {path} predicts {recorded} classes, but {config.data.dataset} has '
-          f'data.num_classes = {config.data.num_classes}: give a network trained on these '
-          'classes (a teacher run of this config, or a converted .pth of this dataset).')
-  model = model_from_metadata(config, section, metadata)
-  expected = jax.eval_shape(
-      lambda: model.init(jax.random.key(0, impl='rbg'), jnp.zeros((1, 64, 64, 3)), train=False))
-  _check_same_structure(expected, variables, f'checkpoint {path}')
-  variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
-  return model, jax.tree.map(np.asarray, variables)
-
-
-def load_teacher(config: ml_collections.ConfigDict):
-  """(teacher module, variables) from ``config.teacher.checkpoint``."""
-  if not config.teacher.checkpoint:
-    raise ValueError('the distillation weights are not all 0, so a teacher is needed: set '
-                     '--config.teacher.checkpoint to a teacher run\'s workdir, an export from '
-                     '`python -m skd_jax.convert`, or a PyTorch .pth file.')
-  return load_model(config, config.teacher, config.teacher.checkpoint)
-
-
-def config_evaluator(model: nn.Module, mesh: jax.sharding.Mesh,
-                     config: ml_collections.ConfigDict) -> Callable[..., np.ndarray]:
-  """`eval_lib.make_evaluator` with the config's classes, ignore label and inference."""
-  return eval_lib.make_evaluator(model, mesh, num_classes=config.data.num_classes,
-                                 ignore_label=config.data.ignore_label,
-                                 **eval_lib.inference_options(config))
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
-                        checkpoint: str | None = None, which: str = 'student',
-                        export_dir: str | None = None, export_color: bool = False
-                        ) -> dict[str, Any]:
-  """Evaluates a run's best (else latest) checkpoint, `checkpoint`, or the config's teacher.
-
-  Uses the inference of ``config.eval`` (whole image, sliding window, scales, flip). With
-  `export_dir`, also writes each image's prediction there as a Cityscapes label-id PNG (and, with
-  `export_color`, a colour rendering to ``<export_dir>_color``); see `eval_lib.PredictionExporter`.
-  """
-  mesh = sharding_lib.make_mesh(shape=config.mesh)
-  per_process_batch = sharding_lib.check_batch_size(config.eval.batch_size, mesh,
-                                                    'eval.batch_size')
-  data_dir = prepare_data(config, workdir, training=False)
-  if which == 'teacher':
-    model, variables = load_teacher(config)
-    name = f'teacher {config.teacher.checkpoint}'
-  else:
-    path = checkpoint or workdir
-    model, variables = load_model(config, config.student, path)
-    name = f'student from {path}'
-  # Kernels split over 'model' as in training (replicated when config.mesh.model is 1).
-  variables = jax.device_put(variables, sharding_lib.model_parallel(variables, mesh))
-  evaluator = config_evaluator(model, mesh, config)
-  exporter = None
-  if export_dir:
-    exporter = eval_lib.prediction_exporter(
-        data_dir, config.data.eval_split, export_dir, dataset=config.data.dataset,
-        num_classes=config.data.num_classes, color=export_color)
-  from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  confusion = evaluator(variables, eval_iterator(config, data_dir, per_process_batch),
-                        on_predictions=exporter)
-  metrics = eval_lib.metrics_from_confusion(
-      confusion, class_names(config), ignore_absent_classes=config.eval.ignore_absent_classes)
-  # Each process wrote the images of its own rows.
-  num_exported = int(sharding_lib.gather_to_all(
-      {'n': np.array([exporter.num_written if exporter else 0])})['n'].sum())
-  return {'metrics': metrics, 'name': name, 'split': config.data.eval_split,
-          'num_images': pipeline.num_examples(data_dir, config.data.eval_split,
-                                              config.data.dataset),
-          'inference': eval_lib.InferenceMode(**eval_lib.inference_options(config)).describe(),
-          'confusion': confusion,
-          'export_dir': str(exporter.export_dir) if exporter else None,
-          'color_dir': str(exporter.color_dir) if exporter and exporter.color_dir else None,
-          'num_exported': num_exported}
-
-
-def _check_same_structure(expected: PyTree, got: PyTree, what: str) -> None:
-  exp = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)}
-  have = {jax.tree_util.keystr(p): np.shape(x)
-          for p, x in jax.tree_util.tree_leaves_with_path(
-              {'params': got.get('params'), 'batch_stats': got.get('batch_stats')})}
-  missing = sorted(set(exp) - set(have))
-  unexpected = sorted(set(have) - set(exp))
-  misshapen = sorted(k for k in set(exp) & set(have) if tuple(exp[k]) != tuple(have[k]))
-  if missing or unexpected or misshapen:
-    raise ValueError(
-        f'{what} does not fit the configured network: missing {missing[:5]}, unexpected '
-        f'{unexpected[:5]}, misshapen {[(k, have[k], exp[k]) for k in misshapen[:5]]} '
-        f'(check config.teacher.arch / overrides and data.num_classes).')
+  """The `LossConfig` of ``config.loss``; a key that is not a loss setting is an error naming it."""
+  fields = {f.name for f in dataclasses.fields(LossConfig)} - {'ignore_label'}
+  unknown = sorted(set(config.loss) - fields)
+  missing = sorted(fields - set(config.loss))
+  if missing:
+    raise ValueError(f'config.loss lacks {", ".join(missing)}: start the config from '
+                     '`config_base.base_config()`, which sets every loss setting.')
+  if unknown:
+    raise ValueError(f'unknown loss setting(s) {", ".join(f"config.loss.{k}" for k in unknown)}: '
+                     f'the loss settings are {", ".join(sorted(fields))}.')
+  return LossConfig(**config.loss, ignore_label=config.data.ignore_label)
 
 
 def create_train_state(ctx: StepContext, image_shape: tuple[int, ...], seed: jax.Array,
@@ -574,11 +440,13 @@ def make_step_context(config: ml_collections.ConfigDict, teacher: nn.Module | No
                                     config.optim.min_lr)
   disc = disc_tx = disc_lr = None
   if cfg.uses_disc:
-    disc = discriminator(config)
+    disc = experiment.build_discriminator(config)
     disc_tx, disc_lr = disc_optimizer(config.disc, num_steps)
   if config.disc.sn_backward not in ('own', 'last'):
     raise ValueError(f"disc.sn_backward must be 'own' or 'last', got {config.disc.sn_backward!r}")
-  student = student_model(config)
+  # config.remat trades memory for time in training only, so it is not part of the model's
+  # metadata: a resumed run takes the command line's.
+  student = experiment.build_model(config, config.student).clone(remat=config.remat)
   adapter, student_channels = None, 0
   if cfg.cwd_feature_weight > 0 or cfg.dist_aux_weight > 0:
     student_out, teacher_out = _output_shapes(student), _output_shapes(teacher)
@@ -633,94 +501,6 @@ def jit_train_step(ctx: StepContext, mesh: jax.sharding.Mesh, state_sharding: An
                  in_shardings=(state_sharding, batch, teacher_sharding),
                  out_shardings=(state_sharding, repl), donate_argnums=(0,))
 
-
-# ---------------------------------------------------------------------------------------------
-# Data.
-
-
-def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
-                 training: bool = True) -> str:
-  """Prepares `config.data.dataset` with tfds (writing the synthetic Cityscapes stand-in first if
-  configured) and checks it; returns the tfds data dir.
-
-  The checks (`skd_jax.data.checks`): after the first preparation every example is decoded once
-  and its label values counted; this census is then checked against the config (label values
-  outside the dataset's table, the class count and, for `training`, the crop size), so that
-  damaged files and wrong labels stop the run before its first step, each with its one line.
-  """
-  from skd_jax.data import checks, pipeline, synthetic  # pylint: disable=g-import-not-at-top
-  data = config.data
-  manual_dir = data.manual_dir or str(workdir / 'data' / 'manual')
-  data_dir = data.tfds_data_dir or str(workdir / 'data' / 'tfds')
-  if data.synthetic and data.dataset != 'cityscapes':
-    raise ValueError(
-        'config.data.synthetic writes a Cityscapes stand-in, but config.data.dataset is '
-        f'{data.dataset!r}: set --config.data.synthetic=False and --config.data.manual_dir.')
-
-  def prepare() -> None:
-    if data.synthetic and not all((as_path(manual_dir) / z).exists()
-                                  for z in pipeline.CITYSCAPES_ZIPS):
-      logging.info('Writing the synthetic Cityscapes stand-in to %s', manual_dir)
-      synthetic.write_synthetic_cityscapes(
-          manual_dir, num_train=data.synthetic_num_train, num_val=data.synthetic_num_val,
-          num_test=data.synthetic_num_test, height=data.synthetic_height,
-          width=data.synthetic_width, seed=data.synthetic_seed)
-    pipeline.prepare_dataset(data.dataset, manual_dir, data_dir)
-    return checks.load_or_take_census(data_dir, data.dataset, manual_dir)
-
-  # Multi-host: process 0 prepares while the others wait, so that no two write one folder. The
-  # others then find it prepared (a shared folder) or, where the folder is host-local, prepare
-  # their own copy (synthetic data is a pure function of its seed).
-  if jax.process_index() == 0:
-    census = prepare()
-  sharding_lib.sync('prepare_data')
-  if jax.process_index() > 0:
-    census = prepare()
-  warnings = checks.check_labels(census, data.dataset, data.num_classes,
-                                 data.unknown_label_tolerance)
-  if training:
-    warnings.append(checks.check_crop(census, data.train_split, data.crop_size, data.scales))
-  for warning in filter(None, warnings):
-    logging.warning('%s', warning)
-  return data_dir
-
-
-def train_iterator(config, data_dir: str, start_step: int, mesh: jax.sharding.Mesh | None = None,
-                   **process) -> Iterator:
-  """This process's rows of the global training batches of ``config.optim.batch_size``.
-
-  With `mesh`, the rows its devices hold here (`sharding_lib.process_rows`); without, the
-  `pipeline.make_train_iterator` keywords `process_index`, `process_count` (and `rows`) say
-  whose rows (by default: this process's block).
-  """
-  from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  data = config.data
-  if mesh is not None:
-    process = {'rows': sharding_lib.process_rows(mesh, config.optim.batch_size)}
-  process.setdefault('process_index', jax.process_index())
-  process.setdefault('process_count', jax.process_count())
-  return pipeline.make_train_iterator(
-      data_dir=data_dir, split=data.train_split,
-      batch_size=config.optim.batch_size // process['process_count'],
-      crop_size=tuple(data.crop_size), scales=tuple(data.scales) or None, flip=data.flip,
-      normalization=data.normalization, seed=config.seed, start_step=start_step,
-      dataset=data.dataset, **process)
-
-
-def eval_iterator(config, data_dir: str, per_process_batch: int) -> Iterator:
-  from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.make_eval_iterator(
-      data_dir=data_dir, split=config.data.eval_split, batch_size=per_process_batch,
-      normalization=config.data.normalization, process_index=jax.process_index(),
-      process_count=jax.process_count(), dataset=config.data.dataset,
-      pad_size=tuple(config.data.eval_pad_size) or None)
-
-
-def class_names(config) -> list[str]:
-  from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return list(pipeline.dataset_info(config.data.dataset).class_names)
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
@@ -728,16 +508,15 @@ def class_names(config) -> list[str]:
 def _write_samples(writer, step: int, samples: dict[str, np.ndarray], predictions: dict[str, Any],
                    config) -> None:
   """Input, ground truth and predictions of a few validation images, in the dataset's palette."""
-  from skd_jax.data import cityscapes, pipeline  # pylint: disable=g-import-not-at-top
-  palette = np.asarray(pipeline.dataset_info(config.data.dataset).palette)
-  colour = lambda ids: cityscapes.colorize(ids, palette)   # the ignore label (out of range): black
+  palette = experiment.palette(config)
+  colour = lambda ids: spec.colorize(ids, palette)   # the ignore label (out of range): black
   images = {'samples/input': samples['raw_image'], 'samples/ground_truth': colour(samples['label'])}
   images.update({f'samples/{name}_prediction': colour(pred) for name, pred in predictions.items()})
   writer.write_images(step, images)
 
 
 def _predict_labels(model, variables, images: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
-  return jnp.argmax(eval_lib.predict_logits(model, variables, images, out_hw), axis=-1)
+  return jnp.argmax(inference.predict_logits(model, variables, images, out_hw), axis=-1)
 
 
 def _predict(model, variables, images: np.ndarray, out_hw, mesh: jax.sharding.Mesh) -> np.ndarray:
@@ -753,7 +532,7 @@ def _predict(model, variables, images: np.ndarray, out_hw, mesh: jax.sharding.Me
 
 def _eval_samples(config, data_dir: str, per_process_batch: int) -> dict[str, np.ndarray]:
   """The first `config.log.num_images` validation images, the same on every process."""
-  with eval_iterator(config, data_dir, per_process_batch) as batches:
+  with experiment.eval_iterator(config, data_dir, per_process_batch) as batches:
     local = next(batches)
   num = config.log.num_images
   gathered = sharding_lib.gather_to_all(
@@ -901,17 +680,12 @@ def _start_state(config: ml_collections.ConfigDict, ctx: StepContext, mesh: jax.
   state_sharding = state_shardings(abstract_state, mesh, config.mesh_shard_student)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract_state, state_sharding)
-  restored = ckpt_lib.restore_latest(manager, abstract, model_metadata(config))
+  restored = ckpt_lib.restore_latest(manager, abstract, experiment.model_metadata(config))
   if restored is not None:
     state, meta = restored
     logging.info('Resumed from %s at step %d', manager.directory, int(state.step))
     return state, state_sharding, meta
-  pretrained = None
-  if config.student.pretrained:
-    from skd_jax import convert  # pylint: disable=g-import-not-at-top
-    fresh = jax.jit(lambda: ctx.student.init(jax.random.key(config.seed, impl='rbg'),
-                                             jnp.zeros((1, *image_shape[1:])), train=False))()
-    pretrained = convert.load_torch_backbone(config.student.pretrained, fresh)
+  pretrained = experiment.pretrained_backbone(config, ctx.student, image_shape)
   state = jax.jit(make_state, out_shardings=state_sharding)(config.seed, pretrained)
   return state, state_sharding, None
 
@@ -920,10 +694,11 @@ def _evaluate_teacher(config: ml_collections.ConfigDict, teacher: nn.Module,
                       teacher_variables: PyTree, mesh: jax.sharding.Mesh,
                       batches: Iterator[dict[str, np.ndarray]]) -> float:
   """The teacher's mIoU on the eval split (once per run: it is frozen); logs its table."""
-  confusion = config_evaluator(teacher, mesh, config)(teacher_variables, batches)
-  metrics = eval_lib.metrics_from_confusion(
-      confusion, class_names(config), ignore_absent_classes=config.eval.ignore_absent_classes)
-  logging.info('%s', eval_lib.format_table(metrics, 'Teacher:'))
+  confusion = experiment.config_evaluator(teacher, mesh, config)(teacher_variables, batches)
+  metrics = evaluator_lib.metrics_from_confusion(
+      confusion, experiment.class_names(config),
+      ignore_absent_classes=config.eval.ignore_absent_classes)
+  logging.info('%s', evaluator_lib.format_table(metrics, 'Teacher:'))
   return metrics['miou']
 
 
@@ -940,10 +715,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # preparation, not after.
   teacher = teacher_variables = None
   if loss_config(config).uses_teacher:
-    teacher, teacher_variables = load_teacher(config)
+    teacher, teacher_variables = experiment.load_teacher(config)
+  from clu import metric_writers  # optional: TensorFlow (its summary writer), in the loop only
   writer = metric_writers.create_default_writer(workdir / 'logs',
                                                 just_logging=jax.process_index() > 0)
-  data_dir = prepare_data(config, workdir)
+  data_dir = experiment.prepare_data(config, workdir)
   ctx = make_step_context(config, teacher)
   # The teacher's kernels split over 'model' (replicated when config.mesh.model is 1).
   teacher_sharding = sharding_lib.model_parallel(teacher_variables, mesh) if teacher else {}
@@ -975,17 +751,19 @@ def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, 
            ) -> dict[str, Any]:
   """The loop of `train_and_evaluate`, from the start (or resumed) state to the last step."""
   num_steps = config.optim.num_steps
-  names = class_names(config)
-  eval_batches = functools.partial(eval_iterator, config, data_dir, per_process_eval_batch)
+  names = experiment.class_names(config)
+  eval_batches = functools.partial(experiment.eval_iterator, config, data_dir,
+                                   per_process_eval_batch)
   state, state_sharding, meta = _start_state(
       config, ctx, mesh, (per_process_batch, *config.data.crop_size, 3), manager)
   if meta is None:
     meta = {'best_miou': -1.0}
+    hparams = flax.traverse_util.flatten_dict(config.to_dict(), sep='.')
     writer.write_hparams({k: str(v) if isinstance(v, (list, tuple)) else v
-                          for k, v in flatten_config(config).items()})
+                          for k, v in hparams.items()})
   start_step = int(state.step)
 
-  evaluator = config_evaluator(ctx.student, mesh, config)
+  evaluator = experiment.config_evaluator(ctx.student, mesh, config)
   absent = config.eval.ignore_absent_classes
   samples = _eval_samples(config, data_dir, per_process_eval_batch)
   sample_predictions = {}
@@ -999,6 +777,7 @@ def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, 
 
   step_fn = jit_train_step(ctx, mesh, state_sharding, teacher_sharding)
   count_non_finite = jax.jit(non_finite_counts, out_shardings=sharding_lib.replicated(mesh))
+  from clu import periodic_actions  # optional: TensorFlow (clu.metric_writers), in the loop only
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                                     every_steps=config.log.every_steps)
   window: list[tuple[int, dict[str, jax.Array]]] = []
@@ -1024,7 +803,7 @@ def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, 
     writer.write_scalars(steps[-1][0], {f'train/{k}': v for k, v in means.items()})
 
   def run_meta(step: int) -> dict[str, Any]:
-    return dict(meta, step=step, teacher_miou=teacher_miou, **model_metadata(config))
+    return dict(meta, step=step, teacher_miou=teacher_miou, **experiment.model_metadata(config))
 
   def save(step: int) -> None:
     nonlocal saved_step
@@ -1035,7 +814,8 @@ def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, 
     nonlocal eval_metrics
     variables = {'params': state.student_params, 'batch_stats': state.student_batch_stats}
     confusion = evaluator(variables, eval_batches())
-    eval_metrics = eval_lib.metrics_from_confusion(confusion, names, ignore_absent_classes=absent)
+    eval_metrics = evaluator_lib.metrics_from_confusion(confusion, names,
+                                                        ignore_absent_classes=absent)
     eval_metrics['confusion'] = np.asarray(confusion).tolist()   # in result.json, for checks
     scalars = {'eval/miou': eval_metrics['miou'],
                'eval/pixel_accuracy': eval_metrics['pixel_accuracy'],
@@ -1061,7 +841,7 @@ def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, 
   if start_step >= num_steps:  # a finished run resumed: report its final evaluation again
     run_eval(start_step)
   preemption = ckpt_lib.PreemptionNotice(manager)
-  with preemption, train_iterator(config, data_dir, start_step, mesh) as batches:
+  with preemption, experiment.train_iterator(config, data_dir, start_step, mesh) as batches:
     for step in range(start_step + 1, num_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = sharding_lib.global_batch(next(batches), mesh)
@@ -1086,14 +866,3 @@ def _train(config, workdir, mesh, ctx, manager, best_manager, writer, data_dir, 
             f'{manager.directory}; run the same command again to resume from it.')
   return {'student_miou': eval_metrics.get('miou'), 'teacher_miou': teacher_miou,
           'best_miou': meta['best_miou'], 'eval': eval_metrics, 'step': num_steps}
-
-
-def flatten_config(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in config.items():
-    if isinstance(v, (ml_collections.ConfigDict, dict)):
-      out.update(flatten_config(ml_collections.ConfigDict(v) if isinstance(v, dict) else v,
-                                f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out

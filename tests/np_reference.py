@@ -128,3 +128,15 @@ def parse_state_dict_keys(path):
     name, shape = line.replace('\t', ' ').split(' ', 1)
     shapes[name] = tuple(int(d) for d in shape.strip('() ').split(',') if d.strip())
   return shapes
+
+
+def label_ids_to_train_ids(label_ids):
+  """Cityscapes raw label ids [...] (any integer dtype) -> train ids [...] uint8, 255 = ignored;
+  values outside 0..255 are ignored too. The table of skd-reference.md section 6, written out."""
+  train_id = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+              25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+  label_ids = np.asarray(label_ids)
+  out = np.full(label_ids.shape, 255, np.uint8)
+  for label_id, t in train_id.items():
+    out[label_ids == label_id] = t
+  return out

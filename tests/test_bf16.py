@@ -23,6 +23,7 @@ import numpy as np
 
 from skd_jax import sharding as sharding_lib
 from skd_jax import train
+from skd_jax import experiment
 from test_train import load_test_config
 
 # The test config's global batch. Smaller batches make the comparison meaningless, not the code
@@ -71,7 +72,7 @@ def step_context(dtype: str) -> train.StepContext:
   config = load_test_config()
   config.dtype = dtype
   config.optim.num_steps = TRAIN_STEPS  # The poly schedule reaches lr 0 at num_steps.
-  teacher = train.model_from_metadata(config, config.teacher, None)
+  teacher = experiment.build_model(config, config.teacher)
   ctx = train.make_step_context(config, teacher)
   assert ctx.loss.uses_teacher and ctx.loss.uses_disc and ctx.loss.lambda_pa > 0
   return ctx

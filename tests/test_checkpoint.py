@@ -239,8 +239,10 @@ def test_a_library_error_says_where_to_see_it_and_a_bug_keeps_its_traceback():
     np.zeros(2).reshape(3)   # a ValueError raised inside NumPy
   except ValueError as e:
     assert cli.error_line(e).endswith(f'(raised in a library; {cli.TRACEBACK_ENV}=1 shows where)')
+  config = config_base.base_config()
+  config.loss.gan_loss = 'wgan'
   try:
-    train.LossConfig(gan_loss='wgan')   # raised by skd_jax: its message says what to do
+    train.loss_config(config)   # raised by skd_jax: its message says what to do
   except ValueError as e:
     assert cli.error_line(e) == "error: loss.gan_loss must be 'wgan_gp' or 'hinge', got 'wgan'"
   assert cli.error_line(RuntimeError('a bug')) is None and cli.error_line(TypeError()) is None

@@ -14,6 +14,8 @@ import pathlib
 import pickle
 import shlex
 import struct
+import subprocess
+import sys
 import zipfile
 
 import jax
@@ -21,17 +23,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from skd_jax import convert
+from skd_jax import torch_convert
 from skd_jax import torch_io
 from skd_jax.models import create_segmenter
 from skd_jax.models.resnet import ResNet
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARITY = pathlib.Path(__file__).parent / 'data' / 'parity'
 MANIFEST = json.loads((PARITY / 'manifest.json').read_text())
 NUM_CLASSES = MANIFEST['num_classes']
 FIXTURES = {f['name']: f for f in MANIFEST['fixtures']}
-MODEL_FIXTURES = [n for n, f in FIXTURES.items() if f['layout'] in convert.MODEL_LAYOUTS]
-BACKBONE_FIXTURES = [n for n, f in FIXTURES.items() if f['layout'] in convert.BACKBONE_LAYOUTS]
+MODEL_FIXTURES = [n for n, f in FIXTURES.items() if f['layout'] in torch_convert.MODEL_LAYOUTS]
+BACKBONE_FIXTURES = [n for n, f in FIXTURES.items()
+                     if f['layout'] in torch_convert.BACKBONE_LAYOUTS]
 ATOL = 1e-4
 
 
@@ -56,7 +60,7 @@ def zeros_like_init(model, shape=(1, 64, 64, 3)):
 
 @functools.lru_cache(maxsize=None)
 def converted(name: str):
-  return convert.load_torch_variables(fixture_path(name), FIXTURES[name]['arch'], NUM_CLASSES)
+  return torch_convert.load_torch_variables(fixture_path(name), FIXTURES[name]['arch'], NUM_CLASSES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,7 +178,7 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, wrap):
     data = pickle.dumps(obj, protocol=2)
     torch_zip(path, data)
   with pytest.raises(torch_io.UnsafeCheckpointError) as info:
-    convert.load_torch_variables(path, 'pspnet_resnet18', NUM_CLASSES)
+    torch_convert.load_torch_variables(path, 'pspnet_resnet18', NUM_CLASSES)
   assert global_name in str(info.value) and str(path) in str(info.value)
   assert info.value.global_name == global_name
   assert not marker.exists()
@@ -247,7 +251,7 @@ def test_non_checkpoint_files_are_clear_errors(tmp_path):
   empty.write_bytes(b'')
   for path in (text, npz, plain, empty):
     with pytest.raises(torch_io.CheckpointError, match='not a PyTorch checkpoint') as info:
-      convert.load_torch_variables(path, 'pspnet_resnet18', NUM_CLASSES)
+      torch_convert.load_torch_variables(path, 'pspnet_resnet18', NUM_CLASSES)
     assert str(path) in str(info.value)
   with pytest.raises(FileNotFoundError):
     torch_io.read_torch_file(tmp_path / 'absent.pth')
@@ -261,7 +265,7 @@ def test_non_checkpoint_files_are_clear_errors(tmp_path):
 def test_segmentation_model_parity(name):
   spec = FIXTURES[name]
   state_dict = torch_io.load_torch_state_dict(fixture_path(name))
-  assert convert.detect_layout(list(state_dict)) == spec['layout']
+  assert torch_convert.detect_layout(list(state_dict)) == spec['layout']
   if spec.get('naming') == 'toolbox':  # the teacher checkpoint's naming, with its unused fc
     assert {'head.0.bottleneck.0.weight', 'head.1.weight', 'fc.weight'} <= set(state_dict)
   variables, overrides = converted(name)
@@ -295,9 +299,9 @@ def test_in_place_abn_scale_is_applied():
 def test_imagenet_backbone_parity(name):
   spec = FIXTURES[name]
   state_dict = torch_io.load_torch_state_dict(fixture_path(name))
-  assert convert.detect_layout(list(state_dict)) == spec['layout']
+  assert torch_convert.detect_layout(list(state_dict)) == spec['layout']
   assert 'fc.weight' in state_dict  # ignored explicitly
-  backbone, overrides = convert.torch_backbone_variables(fixture_path(name), spec['arch'])
+  backbone, overrides = torch_convert.torch_backbone_variables(fixture_path(name), spec['arch'])
   expected_overrides = {'width_multiplier': spec['width']}
   if spec['layout'] == 'torchvision':
     expected_overrides['stem'] = 'standard'
@@ -308,7 +312,7 @@ def test_imagenet_backbone_parity(name):
 
   model = create_segmenter(spec['arch'], NUM_CLASSES, **overrides)
   fresh = zeros_like_init(model)
-  merged = convert.merge_backbone(fresh, backbone)
+  merged = torch_convert.merge_backbone(fresh, backbone)
   for collection in ('params', 'batch_stats'):  # heads untouched
     assert all(np.all(np.asarray(v) == 0) for k, sub in merged[collection].items()
                if k != 'backbone' for v in jax.tree.leaves(sub))
@@ -324,23 +328,23 @@ def test_imagenet_backbone_parity(name):
 def test_load_torch_backbone_into_fresh_variables(tmp_path):
   name = 'torchvision_r18'
   arch = FIXTURES[name]['arch']
-  expected, overrides = convert.torch_backbone_variables(fixture_path(name), arch)
+  expected, overrides = torch_convert.torch_backbone_variables(fixture_path(name), arch)
   fresh = zeros_like_init(create_segmenter(arch, NUM_CLASSES, **overrides))
-  merged = convert.load_torch_backbone(fixture_path(name), fresh)
+  merged = torch_convert.load_torch_backbone(fixture_path(name), fresh)
   jax.tree.map(np.testing.assert_array_equal, merged['params']['backbone'],
                expected['params']['backbone'])
   jax.tree.map(np.testing.assert_array_equal, merged['params']['head'], fresh['params']['head'])
   # A deep-stem model cannot take torchvision's 7x7 stem: one error, with the fix.
   deep = zeros_like_init(create_segmenter(arch, NUM_CLASSES, width_multiplier=1 / 16))
-  with pytest.raises(convert.ConversionError, match="stem='standard'") as info:
-    convert.load_torch_backbone(fixture_path(name), deep)
+  with pytest.raises(torch_convert.ConversionError, match="stem='standard'") as info:
+    torch_convert.load_torch_backbone(fixture_path(name), deep)
   message = str(info.value)
   assert 'missing from the checkpoint' in message and 'wrong shape' in message
   assert 'conv1.weight: checkpoint (4, 3, 7, 7), model expects (4, 3, 3, 3)' in message
   # The backbone of a whole reference model initialises a student too (In-Place ABN applied).
   student, student_overrides = converted('skd_student_r18')
   fresh = zeros_like_init(create_segmenter('pspnet_resnet18', NUM_CLASSES, **student_overrides))
-  merged = convert.load_torch_backbone(fixture_path('skd_student_r18'), fresh)
+  merged = torch_convert.load_torch_backbone(fixture_path('skd_student_r18'), fresh)
   jax.tree.map(np.testing.assert_array_equal, merged['params']['backbone'],
                student['params']['backbone'])
 
@@ -357,8 +361,8 @@ def test_mismatch_is_one_error_listing_missing_unexpected_and_misshapen():
   state_dict['dsn.0.weight'] = state_dict['dsn.0.weight'][:, :-1]
   _, overrides = converted(name)
   abstract = zeros_like_init(create_segmenter('pspnet_resnet18', NUM_CLASSES, **overrides))
-  with pytest.raises(convert.ConversionError) as info:
-    convert.convert_state_dict(state_dict, abstract, 'skd_reference', source='student.pth')
+  with pytest.raises(torch_convert.ConversionError) as info:
+    torch_convert.convert_state_dict(state_dict, abstract, 'skd_reference', source='student.pth')
   message = str(info.value)
   assert 'missing from the checkpoint (1)' in message and 'layer2.0.bn1.running_var' in message
   assert 'batch_stats/backbone/layer2_0/bn1/var' in message
@@ -366,23 +370,26 @@ def test_mismatch_is_one_error_listing_missing_unexpected_and_misshapen():
   assert 'wrong shape (1)' in message
   assert f'dsn.0.weight: checkpoint {state_dict["dsn.0.weight"].shape}, model expects' in message
   # Not strict: unused tensors are tolerated, missing ones are not.
-  with pytest.raises(convert.ConversionError, match='missing') as info:
-    convert.convert_state_dict(state_dict, abstract, 'skd_reference', strict=False)
+  with pytest.raises(torch_convert.ConversionError, match='missing') as info:
+    torch_convert.convert_state_dict(state_dict, abstract, 'skd_reference', strict=False)
   assert 'unexpected' not in str(info.value)
 
 
 def test_wrong_arch_or_classes_errors_say_why():
   path = fixture_path('skd_student_r18')
-  with pytest.raises(convert.ConversionError, match='ResNet-18: use an arch ending in resnet18'):
-    convert.load_torch_variables(path, 'pspnet_resnet34', NUM_CLASSES)
-  with pytest.raises(convert.ConversionError, match='classifiers have 5 outputs: num_classes'):
-    convert.load_torch_variables(path, 'pspnet_resnet18', 19)
-  with pytest.raises(convert.ConversionError, match='deeplabv3_resnet'):
-    convert.load_torch_variables(fixture_path('cirkd_student_r18'), 'pspnet_resnet18', NUM_CLASSES)
-  with pytest.raises(convert.ConversionError, match='load_torch_backbone'):
-    convert.load_torch_variables(fixture_path('csail_r18'), 'pspnet_resnet18', NUM_CLASSES)
-  with pytest.raises(convert.ConversionError, match='cannot tell the checkpoint layout'):
-    convert.detect_layout(['encoder.weight', 'decoder.weight'])
+  with pytest.raises(torch_convert.ConversionError,
+                     match='ResNet-18: use an arch ending in resnet18'):
+    torch_convert.load_torch_variables(path, 'pspnet_resnet34', NUM_CLASSES)
+  with pytest.raises(torch_convert.ConversionError,
+                     match='classifiers have 5 outputs: num_classes'):
+    torch_convert.load_torch_variables(path, 'pspnet_resnet18', 19)
+  with pytest.raises(torch_convert.ConversionError, match='deeplabv3_resnet'):
+    torch_convert.load_torch_variables(fixture_path('cirkd_student_r18'), 'pspnet_resnet18',
+                                       NUM_CLASSES)
+  with pytest.raises(torch_convert.ConversionError, match='load_torch_backbone'):
+    torch_convert.load_torch_variables(fixture_path('csail_r18'), 'pspnet_resnet18', NUM_CLASSES)
+  with pytest.raises(torch_convert.ConversionError, match='cannot tell the checkpoint layout'):
+    torch_convert.detect_layout(['encoder.weight', 'decoder.weight'])
 
 
 def test_standard_stem_option():
@@ -397,12 +404,18 @@ def test_standard_stem_option():
 # The command line and exports.
 
 
+def convert_command(*flags: str) -> None:
+  """Runs `python -m skd_jax.convert` with `flags`, as a user does."""
+  done = subprocess.run([sys.executable, '-m', 'skd_jax.convert', *flags], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_command_line_writes_an_export(tmp_path):
   checkpoint = pytest.importorskip('skd_jax.checkpoint')
   out = tmp_path / 'teacher'
-  assert convert.main([f'--checkpoint={fixture_path("skd_teacher_r101")}',
-                       '--arch=pspnet_resnet101', f'--num_classes={NUM_CLASSES}',
-                       f'--out={out}']) == 0
+  convert_command(f'--checkpoint={fixture_path("skd_teacher_r101")}', '--arch=pspnet_resnet101',
+                  f'--num_classes={NUM_CLASSES}', f'--out={out}')
   variables, metadata = checkpoint.load_variables(out)
   expected, overrides = converted('skd_teacher_r101')
   assert metadata['arch'] == 'pspnet_resnet101' and metadata['num_classes'] == NUM_CLASSES
@@ -411,15 +424,15 @@ def test_command_line_writes_an_export(tmp_path):
 
   # An ImageNet backbone: written alone, and usable to initialise a model's backbone.
   out = tmp_path / 'imagenet'
-  assert convert.main([f'--checkpoint={fixture_path("csail_r18")}', '--arch=pspnet_resnet18',
-                       '--layout=csail_imagenet', f'--out={out}',
-                       '--override=width_multiplier=1/16']) == 0
+  convert_command(f'--checkpoint={fixture_path("csail_r18")}', '--arch=pspnet_resnet18',
+                  '--layout=csail_imagenet', f'--out={out}',
+                  '--config.teacher.overrides.width_multiplier=0.0625')
   variables, metadata = checkpoint.load_variables(out)
   assert metadata['backbone_only'] and set(variables['params']) == {'backbone'}
   fresh = zeros_like_init(create_segmenter('pspnet_resnet18', NUM_CLASSES,
                                            **metadata['overrides']))
-  merged = convert.load_torch_backbone(out, fresh)
-  direct = convert.load_torch_backbone(fixture_path('csail_r18'), fresh)
+  merged = torch_convert.load_torch_backbone(out, fresh)
+  direct = torch_convert.load_torch_backbone(fixture_path('csail_r18'), fresh)
   jax.tree.map(np.testing.assert_array_equal, merged, direct)
 
 
@@ -436,7 +449,7 @@ def disc_fixture() -> dict[str, np.ndarray]:
 
 
 def test_reference_discriminator_converts_and_scores_as_pytorch():
-  variables, model = convert.load_torch_discriminator(DISC_PTH)
+  variables, model = torch_convert.load_torch_discriminator(DISC_PTH)
   assert model.features == (8, 8, 16, 16) and not model.image_conditioned
   state_dict = torch_io.load_torch_state_dict(DISC_PTH)
   # The spectral norms' sigma is u . (weight_bar v) of the checkpoint (NumPy, OIHW).
@@ -468,18 +481,19 @@ def test_reference_discriminator_converts_and_scores_as_pytorch():
 
 def test_reference_discriminator_conversion_is_strict():
   state_dict = torch_io.load_torch_state_dict(DISC_PTH)
-  _, model = convert.load_torch_discriminator(DISC_PTH)
+  _, model = torch_convert.load_torch_discriminator(DISC_PTH)
   target = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 65, 65, 5)),
                                              train=False))
   broken = {k: v for k, v in state_dict.items() if k != 'l2.0.module.weight_v'}
   broken['attn1.extra'] = np.zeros(3, np.float32)
   broken['last.0.weight'] = np.zeros((1, 16, 3, 3), np.float32)
-  with pytest.raises(convert.ConversionError) as error:
-    convert.convert_discriminator_state_dict(broken, target, source='d.pth')
+  with pytest.raises(torch_convert.ConversionError) as error:
+    torch_convert.convert_discriminator_state_dict(broken, target, source='d.pth')
   message = str(error.value)
   assert 'd.pth does not fit the discriminator' in message
   assert 'l2.0.module.weight_v' in message.split('unexpected')[0]  # missing
   assert 'attn1.extra' in message and 'last.0.weight: checkpoint (1, 16, 3, 3)' in message
   # A discriminator given where a segmentation network is expected says what it is.
-  with pytest.raises(convert.ConversionError, match='discriminator.*load_torch_discriminator'):
-    convert.load_torch_variables(DISC_PTH, 'pspnet_resnet18', 5)
+  with pytest.raises(torch_convert.ConversionError,
+                     match='discriminator.*load_torch_discriminator'):
+    torch_convert.load_torch_variables(DISC_PTH, 'pspnet_resnet18', 5)

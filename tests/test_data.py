@@ -19,9 +19,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import np_reference
 from skd_jax.data import cityscapes
 from skd_jax.data import pipeline
 from skd_jax.data import synthetic
+from skd_jax.data import spec
+from skd_jax.data import builder as builder_lib
 
 import tensorflow as tf  # pylint: disable=g-bad-import-order
 import tensorflow_datasets as tfds  # pylint: disable=g-bad-import-order
@@ -56,6 +59,11 @@ def _coded_example(rng: np.random.Generator, split: str, i: int) -> synthetic.Ex
                            frame=19, image=image.astype(np.uint8), label_ids=label_ids)
 
 
+# The builder's features read as stored: its image features reject any size but 1024x2048.
+_ENCODED = {'image_left': tfds.decode.SkipDecoding(),
+            'segmentation_label': tfds.decode.SkipDecoding()}
+
+
 @pytest.fixture(scope='module')
 def coded(tmp_path_factory):
   root = tmp_path_factory.mktemp('coded')
@@ -67,10 +75,10 @@ def coded(tmp_path_factory):
   pipeline.prepare_cityscapes(manual, data_dir)
   by_id = {ex.image_id: ex for ex in examples}
   # Example index in each prepared split -> the example written (tfds shuffles on preparation).
-  builder = tfds.builder(pipeline.CITYSCAPES_BUILDER, data_dir=data_dir)
+  builder = tfds.builder(cityscapes.DATASET.builder_name, data_dir=data_dir)
   originals = {}
   for split in ('train', 'validation'):
-    source = builder.as_data_source(split, decoders=pipeline._SKIP_DECODING)
+    source = builder.as_data_source(split, decoders=_ENCODED)
     originals[split] = [by_id[source[i]['image_id'].decode()] for i in range(len(source))]
   return {'manual': manual, 'data_dir': data_dir, 'originals': originals, 'root': root}
 
@@ -110,7 +118,7 @@ def test_label_id_to_train_id_matches_reference_table():
   np.testing.assert_array_equal(cityscapes.TRAIN_ID_TO_LABEL_ID,
                                 sorted(expected, key=expected.get))
   np.testing.assert_array_equal(
-      cityscapes.label_ids_to_train_ids(np.array([[-1, 0, 7], [33, 34, 300]])),
+      np_reference.label_ids_to_train_ids(np.array([[-1, 0, 7], [33, 34, 300]])),
       [[255, 255, 0], [18, 255, 255]])
 
 
@@ -119,7 +127,7 @@ def test_class_table_and_colorize():
   assert len(cityscapes.CLASS_NAMES) == 19 == cityscapes.CITYSCAPES.num_classes
   assert cityscapes.CITYSCAPES.ignore_label == 255
   assert cityscapes.PALETTE.shape == (19, 3) and cityscapes.PALETTE.dtype == np.uint8
-  colored = cityscapes.colorize(np.array([[0, 10], [255, 18]]))
+  colored = spec.colorize(np.array([[0, 10], [255, 18]]), cityscapes.PALETTE)
   assert colored.dtype == np.uint8 and colored.shape == (2, 2, 3)
   np.testing.assert_array_equal(colored, [[[128, 64, 128], [70, 130, 180]],
                                           [[0, 0, 0], [119, 11, 32]]])
@@ -235,15 +243,15 @@ def test_bad_archives_are_named(tmp_path, street):
   left = os.path.join(street['manual'], 'leftImg8bit_trainvaltest.zip')
   os.symlink(left, manual / 'leftImg8bit_trainvaltest.zip')
   with pytest.raises(FileNotFoundError, match='gtFine_trainvaltest.zip not found') as e:
-    pipeline.check_manual_dir(str(manual))
+    cityscapes.check_manual_dir(str(manual))
   assert 'leftImg8bit_trainvaltest.zip not' not in str(e.value)
   (manual / 'gtFine_trainvaltest.zip').write_bytes(b'<html>login required</html>')
   with pytest.raises(ValueError, match='gtFine_trainvaltest.zip is not a zip archive'):
-    pipeline.check_manual_dir(str(manual))
+    cityscapes.check_manual_dir(str(manual))
   with zipfile.ZipFile(manual / 'gtFine_trainvaltest.zip', 'w') as archive:
     archive.writestr('gtFine_trainvaltest/gtFine/train/a.png', b'')
   with pytest.raises(ValueError, match='has no folder gtFine/train/'):
-    pipeline.check_manual_dir(str(manual))
+    cityscapes.check_manual_dir(str(manual))
 
 
 def test_unprepared_data_dir_is_a_clear_error(tmp_path):
@@ -268,8 +276,8 @@ def test_prepare_skips_when_already_prepared(street, tmp_path):
 
 def test_eval_reads_real_size_exact_pixels_and_labels(street):
   data_dir, paths = street['data_dir'], street['paths']
-  builder = tfds.builder(pipeline.CITYSCAPES_BUILDER, data_dir=data_dir)
-  ids = builder.as_data_source('validation', decoders=pipeline._SKIP_DECODING)
+  builder = tfds.builder(cityscapes.DATASET.builder_name, data_dir=data_dir)
+  ids = builder.as_data_source('validation', decoders=_ENCODED)
   batches = list(pipeline.make_eval_iterator(data_dir=data_dir, split='val', batch_size=3,
                                              normalization='caffe_bgr'))
   assert len(batches) == 2

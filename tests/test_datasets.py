@@ -23,6 +23,7 @@ from skd_jax.data import camvid
 from skd_jax.data import datasets
 from skd_jax.data import pipeline
 from skd_jax.data import voc
+from skd_jax import experiment
 
 import tensorflow_datasets as tfds  # pylint: disable=g-bad-import-order
 
@@ -370,10 +371,10 @@ def test_prepare_data_dispatches_on_config(prepared, tmp_path):
   config.data.num_classes = 11
   config.data.manual_dir = manual
   config.data.tfds_data_dir = data_dir
-  assert train.prepare_data(config, tmp_path) == data_dir
+  assert experiment.prepare_data(config, tmp_path) == data_dir
   config.data.synthetic = True
   with pytest.raises(ValueError, match='synthetic.*camvid'):
-    train.prepare_data(config, tmp_path)
+    experiment.prepare_data(config, tmp_path)
 
 
 @pytest.mark.parametrize('name,crop', [('camvid', (360, 360)), ('voc', (512, 512)),

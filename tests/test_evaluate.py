@@ -30,15 +30,18 @@ from PIL import Image
 import pytest
 import scipy.ndimage
 
+import np_reference
 from np_reference import np_resize_align_corners
 from skd_jax import checkpoint as ckpt_lib
 from skd_jax import config_base
-from skd_jax import evaluate as eval_lib
 from skd_jax import sharding as sharding_lib
 from skd_jax.data import cityscapes
 from skd_jax.data import pipeline
 from skd_jax.data import synthetic
 from skd_jax.models import create_segmenter
+from skd_jax import inference
+from skd_jax import evaluator as evaluator_lib
+from skd_jax import predictions
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_CLASSES = 5
@@ -204,10 +207,10 @@ def brute_force(forward, batch, options):
 
 
 def check_logits(model, variables, forward, batch, options):
-  """`eval_lib.predict` with `options` against the brute force; returns the brute force."""
-  logits = jax.jit(eval_lib.predict, static_argnums=(0, 3, 4))(
+  """`inference.predict` with `options` against the brute force; returns the brute force."""
+  logits = jax.jit(inference.predict, static_argnums=(0, 3, 4))(
       model, variables, jnp.asarray(batch['image']), batch['label'].shape[1:3],
-      eval_lib.InferenceMode(**options))
+      inference.InferenceMode(**options))
   want = brute_force(forward, batch, options)
   assert np.isfinite(want).all() and want.std() > 0.1
   np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-4)
@@ -218,7 +221,7 @@ def check_evaluator(model, variables, forward, batch, mesh, options, *, num_clas
   """`make_evaluator` with `options` on one batch: predictions and the confusion matrix against
   the brute force; returns the matrix."""
   want = brute_force(forward, batch, options)
-  evaluator = eval_lib.make_evaluator(model, mesh, num_classes=num_classes, ignore_label=255,
+  evaluator = evaluator_lib.make_evaluator(model, mesh, num_classes=num_classes, ignore_label=255,
                                       **options)
   seen = []
   confusion = evaluator(variables, [batch], on_predictions=lambda b, p: seen.append(p))
@@ -239,19 +242,19 @@ def check_evaluator(model, variables, forward, batch, mesh, options, *, num_clas
 def test_sliding_window_grid_of_a_cityscapes_image():
   # 1024 x 2048 with 512 tiles: stride ceil(512 * 2/3) = 342, 3 x 6 windows, the last of each
   # axis pushed back inside the image (reference: 18 tiles).
-  assert eval_lib.sliding_window_stride(512) == 342
-  assert eval_lib.sliding_window_starts(1024, 512, 342) == [0, 342, 512]
-  assert eval_lib.sliding_window_starts(2048, 512, 342) == [0, 342, 684, 1026, 1368, 1536]
+  assert inference.sliding_window_stride(512) == 342
+  assert inference.sliding_window_starts(1024, 512, 342) == [0, 342, 512]
+  assert inference.sliding_window_starts(2048, 512, 342) == [0, 342, 684, 1026, 1368, 1536]
   # A tile larger than the image: one window at 0 (the reference's formula would give none).
-  assert eval_lib.sliding_window_starts(100, 512, 342) == [0]
+  assert inference.sliding_window_starts(100, 512, 342) == [0]
   # The reference's float expression: 1 - 1/3 rounds up, so 720 gets 481, not 480.
-  assert eval_lib.sliding_window_stride(720) == 481
-  assert eval_lib.sliding_window_stride(768) == 512
+  assert inference.sliding_window_stride(720) == 481
+  assert inference.sliding_window_stride(768) == 512
   # Multi-scale sizes round as scipy.ndimage.zoom does (Python round: half to even).
-  assert eval_lib.scaled_size((1024, 2048), 0.75) == (768, 1536)
+  assert inference.scaled_size((1024, 2048), 0.75) == (768, 1536)
   for size in ((30, 45), (29, 47), (1024, 2048)):
     for scale in (0.5, 0.75, 1.25, 1.75):
-      assert eval_lib.scaled_size(size, scale) == scipy.ndimage.zoom(
+      assert inference.scaled_size(size, scale) == scipy.ndimage.zoom(
           np.zeros(size), scale, order=1, prefilter=False).shape
 
 
@@ -301,23 +304,23 @@ def test_sliding_multiscale_flip_with_a_real_pspnet():
 
 def test_bad_inference_options_are_clear_errors():
   with pytest.raises(ValueError, match='eval.scales'):
-    eval_lib.InferenceMode(scales=())
+    inference.InferenceMode(scales=())
   with pytest.raises(ValueError, match='eval.scales'):
-    eval_lib.InferenceMode(scales=(1.0, -0.5))
+    inference.InferenceMode(scales=(1.0, -0.5))
   with pytest.raises(ValueError, match='eval.crop_size'):
-    eval_lib.InferenceMode(sliding_window=True)
+    inference.InferenceMode(sliding_window=True)
   with pytest.raises(ValueError, match='eval.crop_size'):
-    eval_lib.InferenceMode(sliding_window=True, crop_size=(512,))
+    inference.InferenceMode(sliding_window=True, crop_size=(512,))
   # Stride ceil(2/3 * 36) = 25 on both axes (the reference's) with 20-wide tiles: columns 20..24
   # of a 46-wide image would get no tile.
   model, variables, _ = fake_model()
   with pytest.raises(ValueError, match=r'eval.crop_size \(36, 20\).*at least 25 wide'):
-    eval_lib.predict_sliding(model, variables, jnp.zeros((1, 30, 46, 3)), (36, 20))
+    inference.predict_sliding(model, variables, jnp.zeros((1, 30, 46, 3)), (36, 20))
   config = config_base.base_config()
   config.eval.sliding_window = True
-  options = eval_lib.inference_options(config)
+  options = inference.inference_options(config)
   assert options == dict(sliding_window=True, crop_size=(512, 512), scales=(1.0,), flip=False)
-  assert eval_lib.InferenceMode(**options).describe() == 'sliding window 512x512'
+  assert inference.InferenceMode(**options).describe() == 'sliding window 512x512'
 
 
 MULTI_DEVICE_CHECK = textwrap.dedent('''
@@ -388,7 +391,7 @@ def write_official_fixture(root: pathlib.Path):
     # Blocks of any raw id 0..33 (ignored ids included), corrupted predictions.
     gt = np.kron(rng.integers(0, 34, (8, 16)), np.ones((4, 4), np.int64)).astype(np.uint8)
     gt[(gt == absent_id) | (gt == only_predicted_id)] = cs_labels.name2label['road'].id
-    pred = np.where(cityscapes.label_ids_to_train_ids(gt) != 255, gt,
+    pred = np.where(np_reference.label_ids_to_train_ids(gt) != 255, gt,
                     rng.choice(eval_ids, gt.shape)).astype(np.uint8)
     noise = rng.random(gt.shape) < 0.3
     pred[noise] = rng.choice(eval_ids, gt.shape)[noise]
@@ -407,16 +410,16 @@ def write_official_fixture(root: pathlib.Path):
     (root / 'results').mkdir(exist_ok=True)
     Image.fromarray(pred).save(root / 'results' / f'{stem}_leftImg8bit.png')
     gt_files.append(str(gt_path))
-    gts.append(cityscapes.label_ids_to_train_ids(gt))
-    preds.append(cityscapes.label_ids_to_train_ids(pred))
+    gts.append(np_reference.label_ids_to_train_ids(gt))
+    preds.append(np_reference.label_ids_to_train_ids(pred))
   return gt_files, gts, preds
 
 
 def our_metrics(gts, preds) -> dict:
-  confusion = eval_lib.confusion_matrix(jnp.asarray(np.stack(preds), jnp.int32),
-                                        jnp.asarray(np.stack(gts), jnp.int32), None, 19)
-  return eval_lib.metrics_from_confusion(np.asarray(confusion), cityscapes.CLASS_NAMES,
-                                         ignore_absent_classes=True)
+  confusion = evaluator_lib.confusion_matrix(jnp.asarray(np.stack(preds), jnp.int32),
+                                             jnp.asarray(np.stack(gts), jnp.int32), None, 19)
+  return evaluator_lib.metrics_from_confusion(np.asarray(confusion), cityscapes.CLASS_NAMES,
+                                              ignore_absent_classes=True)
 
 
 def test_metrics_agree_with_official_cityscapes_scripts(tmp_path):
@@ -467,8 +470,8 @@ def dataset(tmp_path_factory):
 def zip_images(manual: str, split: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{image id: (RGB image, raw label ids)} of a split, read from the archives themselves."""
   out = {}
-  with zipfile.ZipFile(os.path.join(manual, synthetic.LEFT_IMG_ZIP)) as left, \
-       zipfile.ZipFile(os.path.join(manual, synthetic.GT_FINE_ZIP)) as gt:
+  with zipfile.ZipFile(os.path.join(manual, cityscapes.LEFT_IMAGE_ZIP)) as left, \
+       zipfile.ZipFile(os.path.join(manual, cityscapes.GT_FINE_ZIP)) as gt:
     for name in left.namelist():
       if name.startswith(f'leftImg8bit/{split}/') and name.endswith('_leftImg8bit.png'):
         image_id = name.split('/')[-1][:-len('_leftImg8bit.png')]
@@ -485,8 +488,8 @@ def caffe_bgr(rgb: np.ndarray) -> np.ndarray:
 def test_export_writes_label_id_pngs_the_official_scripts_accept(dataset, tmp_path):
   model, variables, forward = fake_model(seed=4, num_classes=19)
   export_dir = tmp_path / 'results'
-  exporter = eval_lib.prediction_exporter(dataset['data_dir'], 'val', export_dir, color=True)
-  evaluator = eval_lib.make_evaluator(model, sharding_lib.make_mesh(), num_classes=19)
+  exporter = predictions.prediction_exporter(dataset['data_dir'], 'val', export_dir, color=True)
+  evaluator = evaluator_lib.make_evaluator(model, sharding_lib.make_mesh(), num_classes=19)
   # 3 images in batches of 2: the last batch has a padding row, which must not be written.
   batches = pipeline.make_eval_iterator(data_dir=dataset['data_dir'], split='val', batch_size=2,
                                         normalization='caffe_bgr')
@@ -516,7 +519,7 @@ def test_export_writes_label_id_pngs_the_official_scripts_accept(dataset, tmp_pa
     gt_files.append(str(gt_path))
 
   official = official_evaluation(export_dir, gt_files)
-  assert_same_as_official(official, eval_lib.metrics_from_confusion(
+  assert_same_as_official(official, evaluator_lib.metrics_from_confusion(
       confusion, cityscapes.CLASS_NAMES, ignore_absent_classes=True))
 
 
@@ -527,7 +530,7 @@ def test_image_ids_name_the_images_the_eval_iterator_yields(dataset, tmp_path, f
     data_dir = str(tmp_path / 'tfds')
     pipeline.prepare_cityscapes(dataset['manual'], data_dir, file_format='tfrecord')
   originals = zip_images(dataset['manual'], 'val')
-  image_id = eval_lib.image_id_reader(data_dir, 'val')
+  image_id = pipeline.example_ids(data_dir, 'val')
   seen = []
   for batch in pipeline.make_eval_iterator(data_dir=data_dir, split='val', batch_size=2,
                                            normalization='caffe_bgr'):
@@ -540,7 +543,7 @@ def test_image_ids_name_the_images_the_eval_iterator_yields(dataset, tmp_path, f
 
 def test_export_refuses_a_non_cityscapes_class_table(tmp_path):
   with pytest.raises(ValueError, match='data.num_classes'):
-    eval_lib.prediction_exporter('unused', 'val', tmp_path, num_classes=21)
+    predictions.prediction_exporter('unused', 'val', tmp_path, num_classes=21)
 
 
 def test_evaluate_command_exports_the_test_split(dataset, tmp_path):

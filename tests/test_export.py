@@ -23,6 +23,7 @@ from skd_jax import export
 from skd_jax import ops
 from skd_jax import train
 from skd_jax.data import pipeline
+from skd_jax import experiment
 from test_train import ROOT, load_test_config
 
 # Logits: measured max |export - reference| / max |reference| is ~1e-7 (float32 rounding of the
@@ -79,7 +80,7 @@ LOADER = textwrap.dedent('''
 
 def random_student(config, seed: int = 0):
   """The config's student with random weights and non-trivial BatchNorm statistics."""
-  model = train.student_model(config)
+  model = experiment.build_model(config, config.student)
   variables = jax.jit(lambda: model.init(jax.random.key(seed, impl='rbg'),
                                          jnp.zeros((1, 64, 64, 3)), train=False))()
   rng = np.random.default_rng(seed)
@@ -125,7 +126,7 @@ def exported(tmp_path_factory):
   config = load_test_config()
   model, variables = random_student(config)
   checkpoint = root / 'checkpoint'
-  ckpt_lib.save_variables(checkpoint, variables, metadata=train.model_metadata(config))
+  ckpt_lib.save_variables(checkpoint, variables, metadata=experiment.model_metadata(config))
   export.export_model(config, str(root / 'symbolic'), checkpoint=str(checkpoint))
   fixed_config = load_test_config()
   fixed_config.data.normalization = 'imagenet_rgb'

@@ -37,6 +37,7 @@ from skd_jax import config_base
 from skd_jax import train
 from skd_jax.data import checks
 from skd_jax.data import synthetic
+from skd_jax import experiment
 from test_convert import torch_zip
 # Fixtures, shared with tests/test_train.py.
 from test_train import data_dirs, load_test_config, teacher_export  # noqa: F401
@@ -321,6 +322,24 @@ def test_command_line_errors_end_in_one_line(program, flags, env, expected, envi
   assert not (tmp_path / 'out').exists() or program == 'skd_jax.main'   # nothing written
 
 
+def test_a_config_file_with_an_unknown_loss_key_is_one_line_naming_it(environ, tmp_path):
+  """The config file itself sets a key the step does not read (the command line's misspelling is
+  caught by the locked config, above): the run stops before any work, naming the key."""
+  config_file = tmp_path / 'typo.py'
+  config_file.write_text(
+      'import runpy\n\n\ndef get_config():\n'
+      f'  c = runpy.run_path({str(ROOT / "configs" / "test.py")!r})["get_config"]()\n'
+      '  c.loss.lamda_pa = 1.0\n  return c\n')
+  out = subprocess.run([sys.executable, '-m', 'skd_jax.main', f'--config={config_file}',
+                        f'--workdir={tmp_path / "out"}'], cwd=ROOT, env=environ,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1, out.stderr[-3000:]
+  line = last_error(out.stderr)
+  assert line.startswith('error: unknown loss setting(s) config.loss.lamda_pa: the loss settings '
+                         'are aux_weight, gan_loss, lambda_d, '), line
+  assert not (tmp_path / 'out' / 'checkpoints').exists()
+
+
 def one_line_of(program, capsys) -> str:
   """The line `program()` ends with through `cli.run_with_one_line_errors`, as the programs do."""
   capsys.readouterr()
@@ -346,7 +365,9 @@ def test_wrong_architecture_or_classes_on_resume_are_one_line_before_restoring(
   before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob('*'))
   config = student_alone(data_dirs, student__arch='deeplabv3_resnet18')
   line = one_line_of(lambda: train.train_and_evaluate(config, workdir), capsys)
-  overrides = json.loads(json.dumps(dict(config.student.overrides)))   # as the meta records them
+  # As the meta records them: the overrides that are set (None = the preset's value).
+  overrides = json.loads(json.dumps({k: v for k, v in config.student.overrides.items()
+                                     if v is not None}))
   assert line == (
       f'error: {workdir / "checkpoints" / str(NUM_STEPS)} was written for pspnet_resnet18 '
       f'{overrides} with 19 classes, but the config asks for deeplabv3_resnet18 {overrides} '
@@ -435,7 +456,7 @@ def test_label_values_outside_the_table_are_counted_and_stop_the_run_above_the_t
   assert not (tmp_path / 'run' / 'checkpoints').exists()
   # Within the tolerance: a warning with the same count, and the run goes on.
   config.data.unknown_label_tolerance = 0.02
-  assert train.prepare_data(config, tmp_path / 'run') == config.data.tfds_data_dir
+  assert experiment.prepare_data(config, tmp_path / 'run') == config.data.tfds_data_dir
   assert (f'hold values outside its table: 200 (50 pixels), {share:.4%} of their pixels (within '
           'data.unknown_label_tolerance = 0.02): they are ignored') in caplog.text
 
@@ -447,7 +468,7 @@ def test_class_count_and_crop_size_are_checked_against_the_data(data_dirs, tmp_p
       'error: data.num_classes = 5, but cityscapes has 19 classes (its labels hold train ids '
       '0..18): set --config.data.num_classes=19.')
   config = student_alone(data_dirs, data__crop_size=(128, 256))
-  train.prepare_data(config, tmp_path / 'run')
+  experiment.prepare_data(config, tmp_path / 'run')
   # The synthetic images are 64x128, the scales 0.75 .. 1.25: the share of a 128x256 crop
   # outside the largest image at 1.25 (80x160) and the smallest at 0.75 (48x96).
   least, most = 1 - 80 * 160 / (128 * 256), 1 - 48 * 96 / (128 * 256)

@@ -23,7 +23,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import np_reference
 from skd_jax.data import cityscapes
+from skd_jax.data import spec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / 'launch'
@@ -478,5 +480,6 @@ def test_notebook_runs_the_tiny_config_on_cpu(tmp_path):
   for shown_input, shown_truth, shown_prediction in split_montage(image, 2, 3, height, width):
     (label_ids,) = [label for img, label in scenes if np.array_equal(img, shown_input)]
     np.testing.assert_array_equal(
-        shown_truth, cityscapes.colorize(cityscapes.label_ids_to_train_ids(label_ids)))
+        shown_truth,
+        spec.colorize(np_reference.label_ids_to_train_ids(label_ids), cityscapes.PALETTE))
     assert {tuple(c) for c in shown_prediction.reshape(-1, 3).tolist()} <= palette

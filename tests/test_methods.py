@@ -20,6 +20,7 @@ import pytest
 
 from skd_jax import checkpoint as ckpt_lib
 from skd_jax import config_base
+from skd_jax import experiment
 from skd_jax import train
 from test_losses import np_cwd, np_cwd_grad, np_dist, np_logit_kd
 from test_train import abstract_step_inputs, count_primitive, load_test_config
@@ -56,7 +57,7 @@ def method_config(skd: bool, **loss) -> ml_collections.ConfigDict:
 def inputs():
   """(teacher module, its variables, one batch of 8) shared by every step here."""
   config = load_test_config()
-  teacher = train.model_from_metadata(config, config.teacher, None)
+  teacher = experiment.build_model(config, config.teacher)
   teacher_vars = jax.device_get(jax.jit(lambda: teacher.init(
       jax.random.key(3, impl='rbg'), jnp.zeros((1, 64, 64, 3)), train=False))())
   rng = np.random.default_rng(0)
@@ -198,7 +199,7 @@ def test_a_zero_weight_removes_its_term_from_the_compiled_step():
   term alone brings the teacher's forward (and CWD on features its adapter's conv, forward and
   both gradients) and its metric; at weight 0 the step has neither, nor the adapter's state."""
   config = load_test_config()
-  teacher = train.model_from_metadata(config, config.teacher, None)
+  teacher = experiment.build_model(config, config.teacher)
   teacher_vars = jax.eval_shape(lambda: teacher.init(jax.random.key(0, impl='rbg'),
                                                      jnp.zeros((1, 64, 64, 3)), train=False))
   teacher_convs = sum(1 for x in jax.tree.leaves(teacher_vars['params']) if x.ndim == 4)
@@ -231,7 +232,7 @@ def test_adapter_is_checkpointed_with_the_student_and_left_out_of_the_network(st
   config = method_config(skd=True, **ALL_ON)
   ctx, state = start
   manager = ckpt_lib.open_manager(tmp_path / 'checkpoints')
-  ckpt_lib.save_train_state(manager, 1, state, train.model_metadata(config))
+  ckpt_lib.save_train_state(manager, 1, state, experiment.model_metadata(config))
   ckpt_lib.finish_saves(manager)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
   restored, _ = ckpt_lib.restore_train_state(ckpt_lib.open_manager(tmp_path / 'checkpoints'), 1,
@@ -254,7 +255,7 @@ def test_poly_schedule_floor_is_the_closed_form_in_both_optimisers():
   config.optim.num_steps = 40
   config.optim.min_lr = 1e-4
   config.disc.min_lr = 2e-5
-  ctx = train.make_step_context(config, train.model_from_metadata(config, config.teacher, None))
+  ctx = train.make_step_context(config, experiment.build_model(config, config.teacher))
   for schedule, lr, floor in ((ctx.student_lr, config.optim.lr, 1e-4),
                               (ctx.disc_lr, config.disc.lr, 2e-5)):
     for count in (0, 1, 20, 38, 39, 45):
@@ -315,7 +316,7 @@ def test_preset_documents_its_source_and_trains_two_tiny_steps(method):
   config.optim.batch_size = 8
   config.optim.num_steps = 4
   cfg = train.loss_config(config)
-  teacher = train.model_from_metadata(config, config.teacher, None) if cfg.uses_teacher else None
+  teacher = experiment.build_model(config, config.teacher) if cfg.uses_teacher else None
   ctx = train.make_step_context(config, teacher)
   state = jax.jit(functools.partial(train.create_train_state, ctx, (8, 64, 64, 3)))(0)
   teacher_vars = {} if teacher is None else jax.jit(lambda: teacher.init(

@@ -15,6 +15,7 @@ from skd_jax.models import create_segmenter
 from skd_jax.models.heads import ASPPHead, AuxHead, PSPHead
 from skd_jax.models.layers import BatchNorm
 from skd_jax.models.resnet import BasicBlock, Bottleneck
+from skd_jax import experiment
 
 KEYS = pathlib.Path(__file__).parent / 'data' / 'state_dict_keys'
 BUFFERS = ('running_mean', 'running_var', 'num_batches_tracked')
@@ -327,5 +328,18 @@ def test_dropout_is_settable_from_the_command_line(monkeypatch):
           '--config.student.overrides.head_dropout=0', '--config.student.overrides.aux_dropout=0']
   monkeypatch.setattr('sys.argv', argv)
   flag_values(argv)
-  model = train.student_model(flag_values.config)
+  model = experiment.build_model(flag_values.config, flag_values.config.student)
   assert (model.head_dropout, model.aux_dropout, model.width_multiplier) == (0.0, 0.0, 1 / 16)
+
+
+def test_every_segmenter_field_a_config_may_set_is_declared_in_the_base_config():
+  """`config_base.segmenter_overrides` lists the Segmenter's fields, each None (the preset's
+  value), but those the config sets elsewhere (num_classes: data.num_classes; dtype, remat)."""
+  import dataclasses
+  from skd_jax import config_base
+  from skd_jax.models import Segmenter
+  fields = {f.name for f in dataclasses.fields(Segmenter)} - {'parent', 'name', 'num_classes',
+                                                              'dtype', 'remat'}
+  declared = config_base.segmenter_overrides()
+  assert set(declared) == fields
+  assert all(value is None for value in declared.values())

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from skd_jax import sharding as sharding_lib
+from skd_jax import experiment
 from test_train import assert_within_cross_config_tolerances, read_scalars
 from test_train import teacher_export  # noqa: F401  pylint: disable=unused-import (a fixture)
 
@@ -181,7 +182,7 @@ REFERENCE = textwrap.dedent('''
     import jax, numpy as np
     sys.path.insert(0, 'tests')
     from test_train import load_test_config, one_step_errors
-    from skd_jax import checkpoint as ckpt_lib, sharding as sharding_lib, train
+    from skd_jax import checkpoint as ckpt_lib, experiment, sharding as sharding_lib, train
     workdir, teacher_path, num_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     assert jax.process_count() == 1 and jax.device_count() == 8, jax.devices()
     config = load_test_config()
@@ -193,7 +194,7 @@ REFERENCE = textwrap.dedent('''
 
     mesh = sharding_lib.make_mesh()
     repl = sharding_lib.replicated(mesh)
-    teacher, teacher_vars = train.load_teacher(config)
+    teacher, teacher_vars = experiment.load_teacher(config)
     teacher_vars = jax.device_put(teacher_vars, repl)
     ctx = train.make_step_context(config, teacher)
     make_state = functools.partial(train.create_train_state, ctx, (8, 64, 64, 3))
@@ -207,11 +208,11 @@ REFERENCE = textwrap.dedent('''
     for t in range(num_steps - 1):
       # The global batch of step t as one process of 8 devices reads it, and as the two
       # processes of the run each read their rows of it: the same, bit for bit.
-      with train.train_iterator(config, data_dir, t, mesh) as one:
+      with experiment.train_iterator(config, data_dir, t, mesh) as one:
         batch = next(one)
       rows = []
       for p in range(2):
-        with train.train_iterator(config, data_dir, t, process_index=p, process_count=2) as it:
+        with experiment.train_iterator(config, data_dir, t, process_index=p, process_count=2) as it:
           rows.append(next(it))
       out['batches_equal'].append(all(
           np.array_equal(batch[k], np.concatenate([r[k] for r in rows])) for k in batch))
@@ -231,10 +232,10 @@ REFERENCE = textwrap.dedent('''
       out['metrics'].append(metrics)
 
     # One process evaluates the checkpoint the two processes wrote, over the whole split.
-    evaluation = train.evaluate_checkpoint(config, pathlib.Path(workdir),
+    evaluation = experiment.evaluate_checkpoint(config, pathlib.Path(workdir),
                                            checkpoint=f'{workdir}/checkpoints/{num_steps}')
     labelled = 0
-    with train.eval_iterator(config, data_dir, 8) as batches:
+    with experiment.eval_iterator(config, data_dir, 8) as batches:
       for b in batches:
         labelled += int(np.sum((b['label'] != 255) & b['mask'][:, None, None]))
     out.update(confusion=np.asarray(evaluation['confusion']).tolist(), labelled=labelled,

@@ -1,7 +1,7 @@
 """skd_jax.predict: the real command on a folder of mixed sizes and formats with unreadable files.
 
 The expected outputs are computed here without predict_lib: each image decoded by Pillow, normalised
-by the input pipeline's TensorFlow `normalize`, predicted alone (batch 1) by `evaluate.predict`
+by the input pipeline's TensorFlow `normalize`, predicted alone (batch 1) by `inference.predict`
 and argmaxed; the colour mask is a NumPy palette lookup, the overlay a NumPy blend, the label ids
 a lookup in the dataset's table.
 """
@@ -20,11 +20,11 @@ from PIL import Image
 
 from skd_jax import checkpoint as ckpt_lib
 from skd_jax import cli
-from skd_jax import convert
-from skd_jax import evaluate
+from skd_jax import experiment
 from skd_jax import export
+from skd_jax import inference
 from skd_jax import predict_lib
-from skd_jax import train
+from skd_jax import torch_convert
 from skd_jax.data import ade20k
 from skd_jax.data import cityscapes
 from skd_jax.data import pipeline
@@ -72,7 +72,7 @@ def save_workdir(workdir: pathlib.Path, config, best, latest) -> None:
     manager = ckpt_lib.open_manager(workdir / folder)
     state = {'student_params': variables['params'],
              'student_batch_stats': variables['batch_stats']}
-    ckpt_lib.save_train_state(manager, step, state, dict(train.model_metadata(config), step=step))
+    ckpt_lib.save_train_state(manager, step, state, dict(experiment.model_metadata(config), step=step))
     ckpt_lib.finish_saves(manager)
 
 
@@ -83,8 +83,8 @@ def run_predict(*args, cwd=ROOT):
 
 @functools.partial(jax.jit, static_argnums=0)
 def evaluate_logits(model, variables, images):
-  """`evaluate.predict` at the images' own size, with the default (whole-image) inference."""
-  return evaluate.predict(model, variables, images, images.shape[1:3])
+  """`inference.predict` at the images' own size, with the default (whole-image) inference."""
+  return inference.predict(model, variables, images, images.shape[1:3])
 
 
 def reference_labels(model, variables, path: pathlib.Path, normalization='caffe_bgr'):
@@ -117,7 +117,7 @@ def setup(tmp_path_factory):
   other = dict(variables, params=jax.tree.map(
       lambda x: np.asarray(x) + rng.normal(0, 0.5, x.shape).astype(x.dtype), variables['params']))
   save_workdir(root / 'workdir', config, best=variables, latest=other)
-  ckpt_lib.save_variables(root / 'weights', variables, metadata=train.model_metadata(config))
+  ckpt_lib.save_variables(root / 'weights', variables, metadata=experiment.model_metadata(config))
   export.export_model(config, str(root / 'export'), checkpoint=str(root / 'weights'),
                       formats=('jax',), platforms=('cpu',))
   images = root / 'images'
@@ -189,7 +189,7 @@ def test_pytorch_checkpoint_converted_on_the_fly(tmp_path, setup):
   assert run.returncode == 0, run.stderr[-3000:]
   assert '1/1 images (0 failed)' in run.stdout
   config = load_test_config()
-  variables, overrides = convert.load_torch_variables(str(PARITY_PTH), 'pspnet_resnet18',
+  variables, overrides = torch_convert.load_torch_variables(str(PARITY_PTH), 'pspnet_resnet18',
                                                       PARITY_CLASSES, width_multiplier=1 / 16)
   model = create_segmenter('pspnet_resnet18', PARITY_CLASSES, **overrides)
   want, logits, _ = reference_labels(model, variables, image, config.data.normalization)
@@ -211,10 +211,10 @@ def test_config_inference_mode_sliding_window_and_flip(setup, tmp_path):
                                       checkpoint=str(setup['root'] / 'weights'))
   assert result == {'written': 1, 'failed': []}
   model, variables = export.without_aux_head(*random_student(load_test_config(), seed=0))
-  mode = evaluate.InferenceMode(**evaluate.inference_options(config))
+  mode = inference.InferenceMode(**inference.inference_options(config))
   photo = np.asarray(Image.open(image).convert('RGB'))
   x = pipeline.normalize(photo[None], config.data.normalization).numpy()
-  logits = np.asarray(jax.jit(lambda v, x: evaluate.predict(model, v, x, x.shape[1:3], mode))(
+  logits = np.asarray(jax.jit(lambda v, x: inference.predict(model, v, x, x.shape[1:3], mode))(
       variables, x))[0]
   labels = read_png(tmp_path / 'labels' / 'a.png')
   assert_labels_match(labels, logits.argmax(-1), logits)

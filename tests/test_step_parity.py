@@ -30,9 +30,10 @@ import optax
 import pytest
 
 from skd_jax import config_base
-from skd_jax import convert
+from skd_jax import torch_convert
 from skd_jax import sharding as sharding_lib
 from skd_jax import train
+from skd_jax import experiment
 
 FIXTURE = pathlib.Path(__file__).parent / 'data' / 'parity' / 'step_parity.npz'
 
@@ -133,26 +134,26 @@ def abstract(model, *args):
 def convert_student(state_dict, momenta, model, image_shape):
   """(variables, momenta as a params tree or None) of a reference-layout student or teacher."""
   target = abstract(model, jnp.zeros(image_shape))
-  variables = convert.convert_state_dict(state_dict, target, 'skd_reference')
+  variables = torch_convert.convert_state_dict(state_dict, target, 'skd_reference')
   if momenta is None:
     return variables, None
   # The momentum of In-Place ABN's weight w is that of our scale |w| + 1e-5 (the fixture's
   # weights are positive), so it converts without the |.| + eps.
   buffers = {k: v for k, v in state_dict.items() if 'running' in k}
-  return variables, convert.convert_state_dict(dict(momenta, **buffers), target, 'skd_reference',
-                                               abn_scales=False)['params']
+  return variables, torch_convert.convert_state_dict(dict(momenta, **buffers), target,
+                                                     'skd_reference', abn_scales=False)['params']
 
 
 def convert_disc(state_dict, momenta, model, logits_shape):
   """(variables, momenta or None) of a reference-layout discriminator."""
   target = abstract(model, jnp.zeros(logits_shape))
-  variables = convert.convert_discriminator_state_dict(state_dict, target)
+  variables = torch_convert.convert_discriminator_state_dict(state_dict, target)
   if momenta is None:
     return variables, None
   buffers = {k: v for k, v in state_dict.items()
              if k.endswith(('_u', '_v', 'running_mean', 'running_var'))}
-  return variables, convert.convert_discriminator_state_dict(dict(momenta, **buffers),
-                                                             target)['params']
+  return variables, torch_convert.convert_discriminator_state_dict(dict(momenta, **buffers),
+                                                                   target)['params']
 
 
 def with_momenta(tx, params, trace, count: int):
@@ -184,7 +185,7 @@ def stored_state(arrays, fixture, ctx, *, student: str | None, disc: str, count:
 
 def step_context(fixture: dict, variant: str) -> train.StepContext:
   config = parity_config(fixture, variant)
-  return train.make_step_context(config, train.model_from_metadata(config, config.teacher, None))
+  return train.make_step_context(config, experiment.build_model(config, config.teacher))
 
 
 def start_state(arrays, fixture, ctx, step: int, variant: str) -> train.TrainState:

@@ -20,6 +20,8 @@ from skd_jax import checkpoint as ckpt_lib
 from skd_jax import config_base
 from skd_jax import sharding as sharding_lib
 from skd_jax import train
+from skd_jax import experiment
+from skd_jax import evaluator as evaluator_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,7 +41,7 @@ def data_dirs(tmp_path_factory):
   config = load_test_config()
   config.data.manual_dir = str(root / 'manual')
   config.data.tfds_data_dir = str(root / 'tfds')
-  train.prepare_data(config, root)
+  experiment.prepare_data(config, root)
   return config.data.manual_dir, config.data.tfds_data_dir
 
 
@@ -47,7 +49,7 @@ def data_dirs(tmp_path_factory):
 def teacher_export(tmp_path_factory):
   """A randomly initialised teacher written as an export (what `skd_jax.convert` writes)."""
   config = load_test_config()
-  model = train.model_from_metadata(config, config.teacher, None)
+  model = experiment.build_model(config, config.teacher)
   variables = jax.jit(lambda: model.init(jax.random.key(7, impl='rbg'),
                                          jnp.zeros((1, 64, 64, 3)), train=False))()
   path = tmp_path_factory.mktemp('teacher_export')
@@ -115,6 +117,22 @@ def test_smoke_baseline_run_evaluates_checkpoints_and_resumes(data_dirs, tmp_pat
   assert len(evaluated['per_class_iou']) == 19 and 'mIoU' in out.stdout
 
 
+def test_a_segmenter_field_overridden_on_the_command_line_builds_that_network(data_dirs, tmp_path):
+  """--config.student.overrides.width_multiplier=0.5 (declared None in config_base): a real run
+  trains the half-width student. Checked on the checkpoint it writes: the deep stem's first
+  convolution has 64 * 0.5 = 32 output channels (configs/test.py's 1/16 width would give 4), and
+  the run records the override."""
+  workdir = tmp_path / 'half_width'
+  out = run_main(workdir, data_dirs, '', '--config.loss.lambda_pi=0', '--config.loss.lambda_pa=0',
+                 '--config.loss.lambda_ho=0', '--config.optim.num_steps=1',
+                 '--config.checkpoint.every_steps=1', '--config.eval.every_steps=1',
+                 '--config.student.overrides.width_multiplier=0.5')
+  assert out.returncode == 0, out.stderr[-3000:]
+  variables, meta = final_student(workdir)
+  assert variables['params']['backbone']['conv1']['kernel'].shape == (3, 3, 3, 32)
+  assert meta['overrides']['width_multiplier'] == 0.5
+
+
 def read_scalars(logdir):
   """{tag: [(step, value)]} of the scalar summaries clu wrote (images and hparams skipped)."""
   import tensorflow as tf
@@ -130,13 +148,12 @@ def read_scalars(logdir):
 
 
 def test_confusion_matrix_and_metrics_match_numpy():
-  from skd_jax import evaluate as eval_lib
   rng = np.random.default_rng(0)
   label = rng.integers(0, 5, (3, 7, 9))
   label[0, :2] = 255
   pred = rng.integers(0, 5, (3, 7, 9))
   mask = np.array([True, True, False])
-  got = np.asarray(eval_lib.confusion_matrix(jnp.asarray(pred), jnp.asarray(label),
+  got = np.asarray(evaluator_lib.confusion_matrix(jnp.asarray(pred), jnp.asarray(label),
                                              jnp.asarray(mask), 5))
   want = np.zeros((5, 5), np.int64)
   for n in range(2):
@@ -144,7 +161,7 @@ def test_confusion_matrix_and_metrics_match_numpy():
       if y != 255:
         want[y, p] += 1
   np.testing.assert_array_equal(got, want)
-  metrics = eval_lib.metrics_from_confusion(want, list('abcde'))
+  metrics = evaluator_lib.metrics_from_confusion(want, list('abcde'))
   iou = [want[c, c] / (want[c].sum() + want[:, c].sum() - want[c, c]) for c in range(5)]
   assert metrics['miou'] == pytest.approx(np.mean(iou))
   assert metrics['per_class_iou']['c'] == pytest.approx(iou[2])
@@ -152,8 +169,8 @@ def test_confusion_matrix_and_metrics_match_numpy():
   # A class absent from labels and predictions: IoU 0 in the reference mean, left out optionally.
   want[3, :] = 0
   want[:, 3] = 0
-  ref = eval_lib.metrics_from_confusion(want)
-  present = eval_lib.metrics_from_confusion(want, ignore_absent_classes=True)
+  ref = evaluator_lib.metrics_from_confusion(want)
+  present = evaluator_lib.metrics_from_confusion(want, ignore_absent_classes=True)
   assert ref['miou'] == pytest.approx(present['miou'] * 4 / 5)
 
 
@@ -210,7 +227,7 @@ def test_poly_sgd_applies_lr_poly_of_the_iteration_counted_from_1():
 
 def test_baseline_step_compiles_no_teacher_or_discriminator_work():
   config = load_test_config()
-  teacher = train.model_from_metadata(config, config.teacher, None)
+  teacher = experiment.build_model(config, config.teacher)
   teacher_vars = jax.eval_shape(lambda: teacher.init(jax.random.key(0, impl='rbg'),
                                                      jnp.zeros((1, 64, 64, 3)), train=False))
   convs = {}
@@ -229,7 +246,7 @@ def test_baseline_step_compiles_no_teacher_or_discriminator_work():
   # A student forward + backward: each conv appears 3 times (forward, two gradients), except the
   # first layer's, whose input gradient is not needed.
   student_convs = sum(1 for _ in jax.tree.leaves(
-      jax.eval_shape(lambda: train.student_model(config).init(
+      jax.eval_shape(lambda: experiment.build_model(config, config.student).init(
           jax.random.key(0, impl='rbg'), jnp.zeros((1, 64, 64, 3)), train=False))['params'])
       if _.ndim == 4)
   assert convs['baseline'] == 3 * student_convs - 1
@@ -249,7 +266,7 @@ def test_batch_that_does_not_divide_over_devices_is_a_clear_error():
 def step_inputs(seed: int = 0):
   """(ctx, teacher variables, 3 batches) of the full SKD step of configs/test.py, batch 8."""
   config = load_test_config()
-  teacher = train.model_from_metadata(config, config.teacher, None)
+  teacher = experiment.build_model(config, config.teacher)
   teacher_vars = jax.device_get(jax.jit(lambda: teacher.init(
       jax.random.key(1 + seed, impl='rbg'), jnp.zeros((1, 64, 64, 3)), train=False))())
   ctx = train.make_step_context(config, teacher)
@@ -386,7 +403,7 @@ def test_teacher_given_as_pth_is_converted_on_the_fly():
   config.teacher.arch = 'pspnet_resnet18'
   config.teacher.overrides = ml_collections.ConfigDict()  # the width is read from the file
   config.teacher.checkpoint = str(parity / 'skd_student_r18.pth')
-  model, variables = train.load_teacher(config)
+  model, variables = experiment.load_teacher(config)
   arrays = dict(np.load(parity / 'skd_student_r18.npz'))
   # The fixture stores its input at half resolution, repeated 2x2 (as tests/test_convert.py).
   images = arrays['input_half_res'].astype(np.float32).repeat(2, axis=1).repeat(2, axis=2)

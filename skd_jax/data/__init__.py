@@ -1,5 +1,6 @@
-"""Data: the Cityscapes class table, the synthetic dataset, and the tf.data input pipeline.
+"""Data: the datasets' class tables, their tfds builders, and the tf.data input pipeline.
 
-`cityscapes` and `synthetic` need only NumPy and Pillow; `pipeline` imports TensorFlow and
-tensorflow-datasets, so it is not imported here: `from skd_jax.data import pipeline` when needed.
+`spec` needs only NumPy; the dataset modules, `datasets`, `pipeline`, `checks` and `synthetic`
+import TensorFlow / tensorflow-datasets, so nothing is imported here: `from skd_jax.data import
+pipeline` where data is read.
 """

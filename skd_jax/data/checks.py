@@ -30,13 +30,14 @@ import tensorflow as tf
 from skd_jax.data import datasets
 from skd_jax.data import pipeline
 from skd_jax.paths import as_path
+from skd_jax.data import spec as spec_lib
 
 CENSUS_FILE = 'skd_jax_census.json'
 _BATCH = 32   # examples decoded at once (bounded memory: full Cityscapes images are 6 MB each)
 
 
 def _census_path(data_dir: str, dataset: str):
-  builder = pipeline._prepared_builder(data_dir, dataset)  # pylint: disable=protected-access
+  builder = pipeline.prepared_builder(data_dir, dataset)
   return as_path(os.fspath(builder.data_dir)) / CENSUS_FILE
 
 
@@ -102,10 +103,10 @@ def take_census(data_dir: str, dataset: str, manual_dir: str, *,
 
   Raises:
     ValueError: files that do not decode or whose label map has another size than the image,
-      named by where they came from (`datasets.Dataset.sources`), with what to do.
+      named by where they came from (`spec_lib.Dataset.sources`), with what to do.
   """
   spec = datasets.get(dataset)
-  builder = pipeline._prepared_builder(data_dir, dataset)  # pylint: disable=protected-access
+  builder = pipeline.prepared_builder(data_dir, dataset)
   sources = spec.sources(manual_dir)
   workers = workers or min(16, os.cpu_count() or 1)
   census, damaged = {}, []
@@ -167,9 +168,9 @@ def check_labels(census: dict[str, Any], dataset: str, num_classes: int,
     counts = {int(v): n for v, n in info['label_counts'].items()}
     total = sum(counts.values())
     unknown = {v: n for v, n in counts.items() if not known[v]}
-    trainable = sum(n for v, n in counts.items() if spec.label_lut[v] != datasets.IGNORE_LABEL)
+    trainable = sum(n for v, n in counts.items() if spec.label_lut[v] != spec_lib.IGNORE_LABEL)
     present |= {int(spec.label_lut[v]) for v in counts
-                if spec.label_lut[v] != datasets.IGNORE_LABEL}
+                if spec.label_lut[v] != spec_lib.IGNORE_LABEL}
     if unknown:
       share = sum(unknown.values()) / total
       where = f'the label maps of split {split} of {dataset} hold values outside its table'

@@ -1,38 +1,23 @@
-"""The Cityscapes class table: names, colours, and the label-id -> train-id map.
+"""Cityscapes: the class table, the label-id -> train-id map, and the manual directory's archives.
 
 Cityscapes `*_gtFine_labelIds.png` files hold the 34 raw label ids (0..33); training and evaluation
 use the 19 "train ids" of the official benchmark, every other id being ignored (255). The table is
-the one in `cityscapesscripts/helpers/labels.py`, pinned in the reference doc (section 6).
+the one in `cityscapesscripts/helpers/labels.py`, pinned in the reference doc (section 6). The
+splits are prepared by tfds's own builder `cityscapes/semantic_segmentation` from the two official
+archives (`check_manual_dir` checks them first).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import os
+import re
+import zipfile
 
 import numpy as np
+import tensorflow as tf
 
-IGNORE_LABEL = 255
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the models, losses and metrics need to know about a segmentation dataset.
-
-  Attributes:
-    name: short name, e.g. 'cityscapes'.
-    class_names: the C class names, index = train id.
-    palette: [C, 3] uint8 RGB colour of each class, for visualisation.
-    ignore_label: the label value that marks pixels without a class.
-  """
-  name: str
-  class_names: tuple[str, ...]
-  palette: np.ndarray
-  ignore_label: int = IGNORE_LABEL
-
-  @property
-  def num_classes(self) -> int:
-    return len(self.class_names)
-
+from skd_jax.data import spec
+from skd_jax.data.spec import IGNORE_LABEL
 
 CLASS_NAMES: tuple[str, ...] = (
     'road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign',
@@ -42,7 +27,7 @@ CLASS_NAMES: tuple[str, ...] = (
 NUM_CLASSES = len(CLASS_NAMES)
 
 # Official Cityscapes colours of the 19 train ids (cityscapesscripts labels.py), RGB.
-PALETTE = np.array([
+PALETTE = spec.frozen_palette([
     (128, 64, 128),   # road
     (244, 35, 232),   # sidewalk
     (70, 70, 70),     # building
@@ -62,8 +47,7 @@ PALETTE = np.array([
     (0, 80, 100),     # train
     (0, 0, 230),      # motorcycle
     (119, 11, 32),    # bicycle
-], dtype=np.uint8)
-PALETTE.flags.writeable = False
+])
 
 # Raw Cityscapes label ids, by name (cityscapesscripts labels.py); the synthetic generator draws
 # its scenes over these, ignored ids included, so that the real id -> train-id map is exercised.
@@ -93,26 +77,105 @@ def _make_label_id_to_train_id() -> np.ndarray:
 # [256] uint8 lookup table: train id of each raw label id, 255 for ignored ids.
 LABEL_ID_TO_TRAIN_ID = _make_label_id_to_train_id()
 
-CITYSCAPES = DatasetInfo(
+CITYSCAPES = spec.DatasetInfo(
     name='cityscapes', class_names=CLASS_NAMES, palette=PALETTE, ignore_label=IGNORE_LABEL)
 
 
-def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
-  """Maps raw label ids [...] (any integer dtype) to train ids [...] uint8 (255 = ignored).
+# ---------------------------------------------------------------------------------------------
+# The manual directory.
 
-  Values outside 0..255 (impossible in a uint8 PNG, but cheap to guard) are ignored too.
+# The archives the builder reads from the manual directory, and each one's top folder.
+LEFT_IMAGE_ZIP = 'leftImg8bit_trainvaltest.zip'
+GT_FINE_ZIP = 'gtFine_trainvaltest.zip'
+CITYSCAPES_ZIPS = {LEFT_IMAGE_ZIP: 'leftImg8bit', GT_FINE_ZIP: 'gtFine'}
+_SPLIT_DIRS = ('train', 'val', 'test')
+# The builder's own pattern for image file names (cityscapes_dataset_builder.py); a name that does
+# not match (e.g. an upper-case city folder) fails deep inside tfds, so it is checked up front.
+_LEFT_IMAGE_RE = re.compile(r'leftImg8bit/(train|val|test)/([^/]+)/([a-z\-]+)_(\d+)_(\d+)'
+                            r'_leftImg8bit\.png')
+_HOW_TO_GET = (
+    'Download leftImg8bit_trainvaltest.zip (11 GB) and gtFine_trainvaltest.zip (241 MB) from '
+    'https://www.cityscapes-dataset.com/downloads/ (free registration) and put both, '
+    'unextracted, in that directory; or write a small synthetic stand-in there with '
+    '`python -m skd_jax.data.synthetic --out=DIR`.')
+
+
+def _gfile_zip_names(path: str) -> list[str]:
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    if not zipfile.is_zipfile(f):
+      raise ValueError(f'{path} is not a zip archive (is it a partial download?). {_HOW_TO_GET}')
+    f.seek(0)
+    with zipfile.ZipFile(f) as archive:
+      return archive.namelist()
+
+
+def check_manual_dir(manual_dir: str) -> None:
+  """Checks that `manual_dir` holds the two Cityscapes archives the tfds builder needs.
+
+  Reads only the archives' directories. Raises one exception with one clear message (the missing
+  or malformed file, the directory searched, what to download) instead of a traceback from inside
+  tfds.
+
+  Raises:
+    FileNotFoundError: the directory or an archive is missing.
+    ValueError: an archive is not a zip, lacks its top folder or a split, has a file name the
+      builder cannot parse, or an image has no label file.
   """
-  label_ids = np.asarray(label_ids)
-  valid = (label_ids >= 0) & (label_ids <= 255)
-  train_ids = LABEL_ID_TO_TRAIN_ID[np.where(valid, label_ids, 0).astype(np.intp)]
-  return np.where(valid, train_ids, np.uint8(IGNORE_LABEL)).astype(np.uint8)
+  manual_dir = os.fspath(manual_dir)
+  if not tf.io.gfile.isdir(manual_dir):
+    raise FileNotFoundError(
+        f'Cityscapes manual directory {manual_dir} does not exist: it must hold '
+        f'{" and ".join(CITYSCAPES_ZIPS)}. {_HOW_TO_GET}')
+  missing = [name for name in CITYSCAPES_ZIPS
+             if not tf.io.gfile.exists(os.path.join(manual_dir, name))]
+  if missing:
+    raise FileNotFoundError(
+        f'Cityscapes archive {" and ".join(missing)} not found in {manual_dir} (searched for '
+        f'{", ".join(os.path.join(manual_dir, m) for m in missing)}). {_HOW_TO_GET}')
+  names = {}
+  for zip_name, top in CITYSCAPES_ZIPS.items():
+    path = os.path.join(manual_dir, zip_name)
+    names[top] = _gfile_zip_names(path)
+    for split_dir in _SPLIT_DIRS:
+      prefix = f'{top}/{split_dir}/'
+      if not any(n.startswith(prefix) for n in names[top]):
+        raise ValueError(
+            f'{path} has no folder {prefix} (the archive must hold {top}/train, {top}/val and '
+            f'{top}/test, as the official one does). {_HOW_TO_GET}')
+  images = [n for n in names['leftImg8bit'] if n.endswith('_leftImg8bit.png')]
+  left_path = os.path.join(manual_dir, 'leftImg8bit_trainvaltest.zip')
+  for name in images:
+    if not _LEFT_IMAGE_RE.fullmatch(name):
+      raise ValueError(
+          f'{left_path} holds {name}, which the tfds builder cannot parse: image files must be '
+          'leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png with a lower-case city.')
+  labels = set(names['gtFine'])
+  missing_labels = [
+      n for n in images
+      if 'gtFine' + n[len('leftImg8bit'):-len('leftImg8bit.png')] + 'gtFine_labelIds.png'
+      not in labels]
+  if missing_labels:
+    raise ValueError(
+        f'{os.path.join(manual_dir, "gtFine_trainvaltest.zip")} lacks the label file of '
+        f'{len(missing_labels)} image(s) in {left_path}, e.g. of {missing_labels[0]} (expected '
+        'gtFine/<split>/<city>/<id>_gtFine_labelIds.png). Are both archives from the same '
+        'release?')
 
 
-def colorize(train_ids: np.ndarray, palette: np.ndarray = PALETTE) -> np.ndarray:
-  """Colours a train-id map [...] (integer) as RGB [..., 3] uint8; ignored and unknown -> black."""
-  train_ids = np.asarray(train_ids)
-  num_classes = palette.shape[0]
-  # One extra black row catches the ignore label and anything else out of range.
-  table = np.concatenate([palette.astype(np.uint8), np.zeros((1, 3), np.uint8)], axis=0)
-  index = np.where((train_ids >= 0) & (train_ids < num_classes), train_ids, num_classes)
-  return table[index.astype(np.intp)]
+def _source_files(manual_dir: str, split: str, image_id: str) -> tuple[str, str]:
+  # The tfds builder's file naming: <top>/<split>/<city>/<city>_<seq>_<frame>_<suffix>.png.
+  folder = {'validation': 'val'}.get(split, split)
+  stem = f'{folder}/{image_id.split("_")[0]}/{image_id}'
+  return (f'{os.path.join(manual_dir, LEFT_IMAGE_ZIP)}:'
+          f'leftImg8bit/{stem}_leftImg8bit.png',
+          f'{os.path.join(manual_dir, GT_FINE_ZIP)}:'
+          f'gtFine/{stem}_gtFine_labelIds.png')
+
+
+DATASET = spec.Dataset(
+    info=CITYSCAPES, builder_name='cityscapes/semantic_segmentation',
+    label_lut=LABEL_ID_TO_TRAIN_ID, check_manual_dir=check_manual_dir,
+    image_key='image_left', label_key='segmentation_label',
+    void_values=tuple(sorted(i for i in LABEL_IDS.values()
+                             if i >= 0 and LABEL_ID_TO_TRAIN_ID[i] == IGNORE_LABEL)),
+    source_files=_source_files)

@@ -59,32 +59,11 @@ except (RuntimeError, ValueError):  # Devices already initialised, or no such de
 
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
-from skd_jax.data import cityscapes  # pylint: disable=g-bad-import-order
 from skd_jax.data import datasets  # pylint: disable=g-bad-import-order
+from skd_jax.data import spec as spec_lib
+from skd_jax.data import builder as builder_lib
 
 Batch = dict[str, np.ndarray]
-
-CITYSCAPES_BUILDER = 'cityscapes/semantic_segmentation'
-# The archives the builder reads from the manual directory, and each one's top folder.
-CITYSCAPES_ZIPS = {
-    'leftImg8bit_trainvaltest.zip': 'leftImg8bit',
-    'gtFine_trainvaltest.zip': 'gtFine',
-}
-_SPLIT_DIRS = ('train', 'val', 'test')
-# The builder's own pattern for image file names (cityscapes_dataset_builder.py); a name that does
-# not match (e.g. an upper-case city folder) fails deep inside tfds, so it is checked up front.
-_LEFT_IMAGE_RE = re.compile(r'leftImg8bit/(train|val|test)/([^/]+)/([a-z\-]+)_(\d+)_(\d+)'
-                            r'_leftImg8bit\.png')
-_HOW_TO_GET = (
-    'Download leftImg8bit_trainvaltest.zip (11 GB) and gtFine_trainvaltest.zip (241 MB) from '
-    'https://www.cityscapes-dataset.com/downloads/ (free registration) and put both, '
-    'unextracted, in that directory; or write a small synthetic stand-in there with '
-    '`python -m skd_jax.data.synthetic --out=DIR`.')
-
-_SKIP_DECODING = {
-    'image_left': tfds.decode.SkipDecoding(),
-    'segmentation_label': tfds.decode.SkipDecoding(),
-}
 
 # Caffe-style input of both reference codes: BGR, 0..255, minus this mean (B, G, R), no std.
 CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
@@ -96,68 +75,6 @@ NORMALIZATIONS = ('caffe_bgr', 'imagenet_rgb')
 
 # ---------------------------------------------------------------------------------------------
 # Preparation.
-
-
-def _gfile_zip_names(path: str) -> list[str]:
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    if not zipfile.is_zipfile(f):
-      raise ValueError(f'{path} is not a zip archive (is it a partial download?). {_HOW_TO_GET}')
-    f.seek(0)
-    with zipfile.ZipFile(f) as archive:
-      return archive.namelist()
-
-
-def check_manual_dir(manual_dir: str) -> None:
-  """Checks that `manual_dir` holds the two Cityscapes archives the tfds builder needs.
-
-  Reads only the archives' directories. Raises one exception with one clear message (the missing
-  or malformed file, the directory searched, what to download) instead of a traceback from inside
-  tfds.
-
-  Raises:
-    FileNotFoundError: the directory or an archive is missing.
-    ValueError: an archive is not a zip, lacks its top folder or a split, has a file name the
-      builder cannot parse, or an image has no label file.
-  """
-  manual_dir = os.fspath(manual_dir)
-  if not tf.io.gfile.isdir(manual_dir):
-    raise FileNotFoundError(
-        f'Cityscapes manual directory {manual_dir} does not exist: it must hold '
-        f'{" and ".join(CITYSCAPES_ZIPS)}. {_HOW_TO_GET}')
-  missing = [name for name in CITYSCAPES_ZIPS
-             if not tf.io.gfile.exists(os.path.join(manual_dir, name))]
-  if missing:
-    raise FileNotFoundError(
-        f'Cityscapes archive {" and ".join(missing)} not found in {manual_dir} (searched for '
-        f'{", ".join(os.path.join(manual_dir, m) for m in missing)}). {_HOW_TO_GET}')
-  names = {}
-  for zip_name, top in CITYSCAPES_ZIPS.items():
-    path = os.path.join(manual_dir, zip_name)
-    names[top] = _gfile_zip_names(path)
-    for split_dir in _SPLIT_DIRS:
-      prefix = f'{top}/{split_dir}/'
-      if not any(n.startswith(prefix) for n in names[top]):
-        raise ValueError(
-            f'{path} has no folder {prefix} (the archive must hold {top}/train, {top}/val and '
-            f'{top}/test, as the official one does). {_HOW_TO_GET}')
-  images = [n for n in names['leftImg8bit'] if n.endswith('_leftImg8bit.png')]
-  left_path = os.path.join(manual_dir, 'leftImg8bit_trainvaltest.zip')
-  for name in images:
-    if not _LEFT_IMAGE_RE.fullmatch(name):
-      raise ValueError(
-          f'{left_path} holds {name}, which the tfds builder cannot parse: image files must be '
-          'leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png with a lower-case city.')
-  labels = set(names['gtFine'])
-  missing_labels = [
-      n for n in images
-      if 'gtFine' + n[len('leftImg8bit'):-len('leftImg8bit.png')] + 'gtFine_labelIds.png'
-      not in labels]
-  if missing_labels:
-    raise ValueError(
-        f'{os.path.join(manual_dir, "gtFine_trainvaltest.zip")} lacks the label file of '
-        f'{len(missing_labels)} image(s) in {left_path}, e.g. of {missing_labels[0]} (expected '
-        'gtFine/<split>/<city>/<id>_gtFine_labelIds.png). Are both archives from the same '
-        'release?')
 
 
 def _builder(data_dir: str, dataset: str = 'cityscapes', **kwargs) -> tfds.core.DatasetBuilder:
@@ -218,14 +135,16 @@ def prepare_cityscapes(manual_dir: str, data_dir: str, *,
   return prepare_dataset('cityscapes', manual_dir, data_dir, file_format=file_format)
 
 
-def _tfds_split(split: str) -> str:
+def tfds_split(split: str) -> str:
+  """The tfds name of a split ('val' -> 'validation'; slices such as 'val[:10]' kept)."""
   # The datasets call it 'val'; tfds calls it 'validation'. Both work here, slices included.
   if split == 'val' or split.startswith('val['):
     return 'validation' + split[3:]
   return split
 
 
-def _prepared_builder(data_dir: str, dataset: str = 'cityscapes') -> tfds.core.DatasetBuilder:
+def prepared_builder(data_dir: str, dataset: str = 'cityscapes') -> tfds.core.DatasetBuilder:
+  """The tfds builder of `dataset` prepared in `data_dir`; FileNotFoundError saying how if not."""
   builder = _builder(data_dir, dataset)
   if not builder.is_prepared():
     how = (f'call skd_jax.data.pipeline.prepare_dataset({dataset!r}, manual_dir, data_dir) first '
@@ -242,15 +161,15 @@ def _prepared_builder(data_dir: str, dataset: str = 'cityscapes') -> tfds.core.D
 
 def num_examples(data_dir: str, split: str, dataset: str = 'cityscapes') -> int:
   """Number of examples of a prepared split ('train', 'val' / 'validation', 'test', or a slice)."""
-  return int(_prepared_builder(data_dir, dataset).info.splits[_tfds_split(split)].num_examples)
+  return int(prepared_builder(data_dir, dataset).info.splits[tfds_split(split)].num_examples)
 
 
 def image_sizes(data_dir: str, split: str, dataset: str = 'cityscapes') -> dict | None:
   """{'max': [H, W], 'uniform': bool} of a prepared split's images, as its builder recorded them
   (the builders of `skd_jax.data.datasets`); None when not recorded (Cityscapes)."""
-  builder = _prepared_builder(data_dir, dataset)
-  split = _tfds_split(split).split('[')[0]
-  return (builder.info.metadata or {}).get(datasets.IMAGE_SIZES_KEY, {}).get(split)
+  builder = prepared_builder(data_dir, dataset)
+  split = tfds_split(split).split('[')[0]
+  return (builder.info.metadata or {}).get(builder_lib.IMAGE_SIZES_KEY, {}).get(split)
 
 
 def steps_per_epoch(num_examples_in_split: int, batch_size: int, process_count: int = 1) -> int:
@@ -266,15 +185,15 @@ def num_eval_batches(num_examples_in_split: int, batch_size: int, process_count:
 
 def split_name(split: str) -> str:
   """The tfds name of the whole split that `split` (a config's 'val', 'train[:100]', ...) is of."""
-  return _tfds_split(split).split('[')[0]
+  return tfds_split(split).split('[')[0]
 
 
 def encoded_examples(data_dir: str, split: str, dataset: str = 'cityscapes'
                      ) -> Iterator[tuple[str, bytes, bytes]]:
   """(image id, encoded image, encoded label map) of each example of a prepared split, in turn."""
-  builder = _prepared_builder(data_dir, dataset)
+  builder = prepared_builder(data_dir, dataset)
   spec = datasets.get(dataset)
-  split = _tfds_split(split)
+  split = tfds_split(split)
   if 'array_record' in _file_formats(builder):
     source = builder.as_data_source(split, decoders=_skip_decoding(spec))
     examples = (source[i] for i in range(len(source)))
@@ -282,9 +201,27 @@ def encoded_examples(data_dir: str, split: str, dataset: str = 'cityscapes'
     examples = builder.as_dataset(split=split, decoders=_skip_decoding(spec),
                                   shuffle_files=False).as_numpy_iterator()
   for example in examples:
-    image_id = example[spec.id_key]
-    yield (image_id.decode() if isinstance(image_id, bytes) else str(image_id),
-           example[spec.image_key], example[spec.label_key])
+    yield _text(example[spec.id_key]), example[spec.image_key], example[spec.label_key]
+
+
+def example_ids(data_dir: str, split: str, dataset: str = 'cityscapes') -> Callable[[int], str]:
+  """Example index in a prepared split -> its image id (Cityscapes: '<city>_<seq>_<frame>').
+
+  The index is the 'index' of `make_eval_iterator`'s batches: the id is read from the same source
+  in the same order (ArrayRecord random access, else the split's stored order). Images and label
+  maps stay encoded.
+  """
+  builder = prepared_builder(data_dir, dataset)
+  spec = datasets.get(dataset)
+  if 'array_record' in _file_formats(builder):
+    source = builder.as_data_source(tfds_split(split), decoders=_skip_decoding(spec))
+    return lambda index: _text(source[int(index)][spec.id_key])
+  ids = [image_id for image_id, _, _ in encoded_examples(data_dir, split, dataset)]
+  return lambda index: ids[int(index)]
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def decode_image(image_bytes: bytes) -> np.ndarray:
@@ -313,14 +250,14 @@ class _Source:
     raise NotImplementedError
 
 
-def _skip_decoding(spec: datasets.Dataset) -> dict[str, tfds.decode.SkipDecoding]:
+def _skip_decoding(spec: spec_lib.Dataset) -> dict[str, tfds.decode.SkipDecoding]:
   return {spec.image_key: tfds.decode.SkipDecoding(), spec.label_key: tfds.decode.SkipDecoding()}
 
 
 class _ArrayRecordSource(_Source):
   """Reads records on demand; array_record's reader is shared and thread-safe."""
 
-  def __init__(self, builder: tfds.core.DatasetBuilder, split: str, spec: datasets.Dataset):
+  def __init__(self, builder: tfds.core.DatasetBuilder, split: str, spec: spec_lib.Dataset):
     self._source = builder.as_data_source(split, decoders=_skip_decoding(spec))
     self._keys = (spec.image_key, spec.label_key)
 
@@ -337,7 +274,7 @@ class _InMemorySource(_Source):
   access); reads the whole split once, decoding nothing."""
 
   def __init__(self, builder: tfds.core.DatasetBuilder, split: str, keep: Callable[[int], bool],
-               spec: datasets.Dataset):
+               spec: spec_lib.Dataset):
     logging.warning(
         '%s in %s is stored as %s, which has no random access: holding this process\'s encoded '
         'examples of split %r in memory. Prepare it with file_format="array_record" to avoid it.',
@@ -358,9 +295,9 @@ class _InMemorySource(_Source):
 
 def _open_source(data_dir: str, split: str, keep: Callable[[int], bool],
                  dataset: str = 'cityscapes') -> _Source:
-  builder = _prepared_builder(data_dir, dataset)
+  builder = prepared_builder(data_dir, dataset)
   spec = datasets.get(dataset)
-  split = _tfds_split(split)
+  split = tfds_split(split)
   if 'array_record' in _file_formats(builder):
     return _ArrayRecordSource(builder, split, spec)
   return _InMemorySource(builder, split, keep, spec)
@@ -453,18 +390,17 @@ def _decode(image_bytes: tf.Tensor, label_png: tf.Tensor) -> tuple[tf.Tensor, tf
   return _decode_image(image_bytes), _decode_label(label_png)
 
 
-def _to_train_ids(label_ids: tf.Tensor,
-                  label_lut: np.ndarray = cityscapes.LABEL_ID_TO_TRAIN_ID) -> tf.Tensor:
+def _to_train_ids(label_ids: tf.Tensor, label_lut: np.ndarray) -> tf.Tensor:
   """Raw label ids [...] (any integer dtype) -> train ids [...] int32, 255 for ignored ids.
 
-  label_lut: [256] the dataset's train id of each stored value (default: Cityscapes' ids).
+  label_lut: [256] the dataset's train id of each stored value.
   """
   label_ids = tf.cast(label_ids, tf.int32)
   lut = tf.constant(label_lut, dtype=tf.int32)
   # uint8 PNGs cannot hold ids outside 0..255, but a wider dtype could: those are ignored too.
   valid = (label_ids >= 0) & (label_ids < lut.shape[0])
   train_ids = tf.gather(lut, tf.clip_by_value(label_ids, 0, lut.shape[0] - 1))
-  return tf.where(valid, train_ids, cityscapes.IGNORE_LABEL)
+  return tf.where(valid, train_ids, spec_lib.IGNORE_LABEL)
 
 
 def normalize(image: tf.Tensor, normalization: str) -> tf.Tensor:
@@ -484,7 +420,7 @@ def normalize(image: tf.Tensor, normalization: str) -> tf.Tensor:
 
 def _augment(image: tf.Tensor, label_ids: tf.Tensor, scale: tf.Tensor, offset_y: tf.Tensor,
              offset_x: tf.Tensor, flip: tf.Tensor, *, crop_size: tuple[int, int],
-             normalization: str, label_lut: np.ndarray = cityscapes.LABEL_ID_TO_TRAIN_ID
+             normalization: str, label_lut: np.ndarray
              ) -> tuple[tf.Tensor, tf.Tensor]:
   """The reference training transform, image and label always together.
 
@@ -525,7 +461,7 @@ def _augment(image: tf.Tensor, label_ids: tf.Tensor, scale: tf.Tensor, offset_y:
   pad_h = crop_h - tf.shape(label)[0]
   pad_w = crop_w - tf.shape(label)[1]
   image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=0.0)
-  label = tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=cityscapes.IGNORE_LABEL)
+  label = tf.pad(label, [[0, pad_h], [0, pad_w]], constant_values=spec_lib.IGNORE_LABEL)
   # Both branches are crop-sized: selecting is cheaper than a tf.cond here and needs no lambdas.
   image = tf.where(flip, image[:, ::-1], image)
   label = tf.where(flip, label[:, ::-1], label)
@@ -735,7 +671,7 @@ def _pad_bottom_right(example: dict[str, tf.Tensor], pad: tuple[int, int], index
   padded = {
       'image': tf.pad(example['image'], paddings + [[0, 0]]),
       'raw_image': tf.pad(example['raw_image'], paddings + [[0, 0]]),
-      'label': tf.pad(example['label'], paddings, constant_values=cityscapes.IGNORE_LABEL),
+      'label': tf.pad(example['label'], paddings, constant_values=spec_lib.IGNORE_LABEL),
   }
   for key, value in padded.items():
     value.set_shape([*pad, 3] if key != 'label' else pad)
@@ -795,7 +731,7 @@ def make_eval_iterator(*, data_dir: str, split: str = 'val', batch_size: int,
     label = _to_train_ids(label_ids, label_lut)
     example = {
         'image': tf.where(is_real, image, tf.zeros_like(image)),
-        'label': tf.where(is_real, label, tf.fill(tf.shape(label), cityscapes.IGNORE_LABEL)),
+        'label': tf.where(is_real, label, tf.fill(tf.shape(label), spec_lib.IGNORE_LABEL)),
         'mask': is_real,
         'raw_image': tf.where(is_real, raw_image, tf.zeros_like(raw_image)),
         'index': tf.cast(index, tf.int32),
@@ -811,16 +747,15 @@ def make_eval_iterator(*, data_dir: str, split: str = 'val', batch_size: int,
   return NumpyIterator(ds)
 
 
-def dataset_info(name: str = 'cityscapes') -> cityscapes.DatasetInfo:
+def dataset_info(name: str = 'cityscapes') -> spec_lib.DatasetInfo:
   """The class table (names, colours, ignore label) of a registered dataset."""
   return datasets.get(name).info
 
 
 __all__ = [
-    'CAFFE_BGR_MEAN', 'CITYSCAPES_BUILDER', 'IMAGENET_RGB_MEAN', 'IMAGENET_RGB_STD',
-    'NORMALIZATIONS', 'NumpyIterator', 'augmentation_params', 'check_manual_dir', 'dataset_info',
-    'decode_image', 'decode_label', 'encoded_examples', 'epoch_order', 'eval_pad_size',
-    'image_sizes',
-    'make_eval_iterator', 'make_train_iterator', 'normalize', 'num_eval_batches', 'num_examples',
-    'prepare_cityscapes', 'prepare_dataset', 'split_name', 'steps_per_epoch',
+    'CAFFE_BGR_MEAN', 'IMAGENET_RGB_MEAN', 'IMAGENET_RGB_STD', 'NORMALIZATIONS', 'NumpyIterator',
+    'augmentation_params', 'dataset_info', 'decode_image', 'decode_label', 'encoded_examples',
+    'epoch_order', 'eval_pad_size', 'example_ids', 'image_sizes', 'make_eval_iterator',
+    'make_train_iterator', 'normalize', 'num_eval_batches', 'num_examples', 'prepare_cityscapes',
+    'prepare_dataset', 'prepared_builder', 'split_name', 'steps_per_epoch', 'tfds_split',
 ]

@@ -46,9 +46,8 @@ from PIL import Image
 from PIL import ImageFilter
 
 from skd_jax.data import cityscapes
+from skd_jax.data import pipeline
 
-LEFT_IMG_ZIP = 'leftImg8bit_trainvaltest.zip'
-GT_FINE_ZIP = 'gtFine_trainvaltest.zip'
 
 SPLITS = ('train', 'val', 'test')
 # Real Cityscapes city names of each split, so that file names look exactly like the real ones.
@@ -118,8 +117,8 @@ def write_cityscapes_zips(manual_dir: str, examples: Iterable[Example]) -> tuple
     (path of leftImg8bit_trainvaltest.zip, path of gtFine_trainvaltest.zip).
   """
   os.makedirs(manual_dir, exist_ok=True)
-  left_path = os.path.join(manual_dir, LEFT_IMG_ZIP)
-  gt_path = os.path.join(manual_dir, GT_FINE_ZIP)
+  left_path = os.path.join(manual_dir, cityscapes.LEFT_IMAGE_ZIP)
+  gt_path = os.path.join(manual_dir, cityscapes.GT_FINE_ZIP)
   # Written under temporary names and renamed at the end, so that an interrupted run never leaves
   # a truncated archive with the official name.
   left_tmp, gt_tmp = left_path + '.partial', gt_path + '.partial'
@@ -507,7 +506,6 @@ def main(argv: list[str] | None = None):
   print(f'wrote {paths.left_img_zip} and {paths.gt_fine_zip} ({paths.num_examples}) '
         f'in {time.time() - start:.1f} s')
   if args.data_dir:
-    from skd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     start = time.time()
     pipeline.prepare_cityscapes(args.out, args.data_dir)
     print(f'prepared cityscapes/semantic_segmentation in {args.data_dir} '

@@ -27,7 +27,8 @@ import scipy.io
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from skd_jax.data import datasets
+from skd_jax.data import spec
+from skd_jax.data import builder
 
 CLASS_NAMES: tuple[str, ...] = (
     'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
@@ -37,7 +38,7 @@ CLASS_NAMES: tuple[str, ...] = (
 NUM_CLASSES = len(CLASS_NAMES)
 
 # The VOC devkit's colour map (VOClabelcolormap.m), RGB; the same palette the PNGs carry.
-PALETTE = datasets.frozen_palette([
+PALETTE = spec.frozen_palette([
     (0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128),
     (0, 128, 128), (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0),
     (64, 0, 128), (192, 0, 128), (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0),
@@ -45,9 +46,9 @@ PALETTE = datasets.frozen_palette([
 ])
 
 # [256] uint8: classes 0..20 are their own train ids; the 255 border (and anything else) ignored.
-LABEL_TO_TRAIN_ID = datasets.make_lut({c: c for c in range(NUM_CLASSES)})
+LABEL_TO_TRAIN_ID = spec.make_lut({c: c for c in range(NUM_CLASSES)})
 
-VOC = datasets.DatasetInfo(name='voc', class_names=CLASS_NAMES, palette=PALETTE)
+VOC = spec.DatasetInfo(name='voc', class_names=CLASS_NAMES, palette=PALETTE)
 
 VOC_ROOT = 'VOCdevkit/VOC2012'
 SBD_ROOT = 'benchmark_RELEASE/dataset'
@@ -68,24 +69,24 @@ def train_aug_ids(voc_train: list[str], voc_val: list[str], sbd_train: list[str]
   return sorted((set(sbd_train) | set(sbd_val) | set(voc_train)) - set(voc_val))
 
 
-def _voc_pair(manual_dir: str, image_id: str) -> datasets.Pair:
+def _voc_pair(manual_dir: str, image_id: str) -> builder.Pair:
   root = os.path.join(manual_dir, VOC_ROOT)
-  return datasets.Pair(image_id, os.path.join(root, 'JPEGImages', f'{image_id}.jpg'),
+  return builder.Pair(image_id, os.path.join(root, 'JPEGImages', f'{image_id}.jpg'),
                        os.path.join(root, 'SegmentationClass', f'{image_id}.png'))
 
 
-def _sbd_pair(manual_dir: str, image_id: str) -> datasets.Pair:
+def _sbd_pair(manual_dir: str, image_id: str) -> builder.Pair:
   root = os.path.join(manual_dir, SBD_ROOT)
-  return datasets.Pair(image_id, os.path.join(root, 'img', f'{image_id}.jpg'),
+  return builder.Pair(image_id, os.path.join(root, 'img', f'{image_id}.jpg'),
                        os.path.join(root, 'cls', f'{image_id}.mat'))
 
 
-def find_examples(manual_dir: str) -> dict[str, list[datasets.Pair]]:
+def find_examples(manual_dir: str) -> dict[str, list[builder.Pair]]:
   """{tfds split: its (image, label) files}; raises naming the first missing file or folder."""
   manual_dir = os.fspath(manual_dir)
-  datasets.require(manual_dir, REQUIRED, dataset='Pascal VOC + SBD', how_to_get=HOW_TO_GET)
-  voc = {k: datasets.read_ids(os.path.join(manual_dir, v)) for k, v in VOC_LISTS.items()}
-  sbd = {k: datasets.read_ids(os.path.join(manual_dir, v)) for k, v in SBD_LISTS.items()}
+  builder.require(manual_dir, REQUIRED, dataset='Pascal VOC + SBD', how_to_get=HOW_TO_GET)
+  voc = {k: builder.read_ids(os.path.join(manual_dir, v)) for k, v in VOC_LISTS.items()}
+  sbd = {k: builder.read_ids(os.path.join(manual_dir, v)) for k, v in SBD_LISTS.items()}
   voc_train = set(voc['train'])
   splits = {
       'train': [_voc_pair(manual_dir, i) if i in voc_train else _sbd_pair(manual_dir, i)
@@ -93,7 +94,7 @@ def find_examples(manual_dir: str) -> dict[str, list[datasets.Pair]]:
       'validation': [_voc_pair(manual_dir, i) for i in voc['val']],
   }
   for pairs in splits.values():
-    datasets.require_files(manual_dir, pairs, dataset='Pascal VOC + SBD', how_to_get=HOW_TO_GET)
+    builder.require_files(manual_dir, pairs, dataset='Pascal VOC + SBD', how_to_get=HOW_TO_GET)
   return splits
 
 
@@ -114,7 +115,7 @@ def read_sbd_label(path: str) -> np.ndarray:
   return segmentation.astype(np.uint8)
 
 
-class Voc2012Aug(datasets.SegmentationBuilder):
+class Voc2012Aug(builder.SegmentationBuilder):
   """Pascal VOC 2012 segmentation with SBD: train_aug (10582) and VOC val (1449)."""
   name = 'voc2012_aug'
   VERSION = tfds.core.Version('1.0.0')
@@ -125,11 +126,11 @@ class Voc2012Aug(datasets.SegmentationBuilder):
 
   def read_label(self, path: str) -> tuple[bytes, tuple[int, int]]:
     if path.endswith('.mat'):
-      return datasets.label_png(read_sbd_label(path))
-    return datasets.label_png(path)
+      return builder.label_png(read_sbd_label(path))
+    return builder.label_png(path)
 
   find_examples = staticmethod(find_examples)
 
 
-DATASET = datasets.Dataset(info=VOC, builder_name=Voc2012Aug.name, label_lut=LABEL_TO_TRAIN_ID,
+DATASET = spec.Dataset(info=VOC, builder_name=Voc2012Aug.name, label_lut=LABEL_TO_TRAIN_ID,
                            check_manual_dir=find_examples, void_values=(255,))  # object borders

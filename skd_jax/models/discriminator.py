@@ -23,7 +23,7 @@ per side work.
 
 Variable names follow the reference's PyTorch ``state_dict`` (``l1.0.module.weight_bar`` ->
 ``params/l1/conv/kernel``, ``attn1.query_conv.weight`` -> ``params/attn1/query_conv/kernel``, ...),
-kernels transposed from OIHW to HWIO (`skd_jax.convert.convert_discriminator_state_dict` maps
+kernels transposed from OIHW to HWIO (`skd_jax.torch_convert.convert_discriminator_state_dict` maps
 them). Spectral normalisation (`SpectralConv`) keeps the power-iteration vector ``u`` ([1, out],
 the reference's ``weight_u``) and the last ``sigma`` in the ``batch_stats`` collection, beside the
 BatchNorm statistics, under the names Flax's `nn.SpectralNorm` gives them. The reference also
