@@ -32,7 +32,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import io
@@ -41,6 +40,7 @@ import time
 import zipfile
 from typing import Iterable, Iterator
 
+from absl import app, flags
 import numpy as np
 from PIL import Image
 from PIL import ImageFilter
@@ -486,19 +486,11 @@ def write_synthetic_cityscapes(manual_dir: str, *, num_train: int = 200, num_val
                         num_examples={'train': num_train, 'val': num_val, 'test': num_test})
 
 
-def main(argv: list[str] | None = None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--out', required=True, help='directory to write the two zips into')
-  parser.add_argument('--num_train', type=int, default=200)
-  parser.add_argument('--num_val', type=int, default=50)
-  parser.add_argument('--num_test', type=int, default=20)
-  parser.add_argument('--height', type=int, default=128)
-  parser.add_argument('--width', type=int, default=256)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--data_dir', default=None,
-                      help='if set, also prepare the tfds dataset there from the written zips')
-  args = parser.parse_args(argv)
+def main(argv: list[str]) -> None:
+  """`python -m skd_jax.data.synthetic`: the flags defined below, under ``__main__``."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  args = flags.FLAGS
   start = time.time()
   paths = write_synthetic_cityscapes(
       args.out, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
@@ -513,4 +505,16 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == '__main__':
-  main()
+  # The flags exist only when this module is the program: the library modules that import it
+  # (the demo, the tests, the trainer's data preparation) define flags of their own.
+  flags.DEFINE_string('out', None, 'Directory to write the two zips into.')
+  flags.DEFINE_integer('num_train', 200, 'Training scenes.')
+  flags.DEFINE_integer('num_val', 50, 'Validation scenes.')
+  flags.DEFINE_integer('num_test', 20, 'Test scenes.')
+  flags.DEFINE_integer('height', 128, 'Image height.')
+  flags.DEFINE_integer('width', 256, 'Image width.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the scenes.')
+  flags.DEFINE_string('data_dir', None,
+                      'If set, also prepare the tfds dataset there from the written zips.')
+  flags.mark_flag_as_required('out')
+  app.run(main)
