@@ -336,7 +336,8 @@ def test_a_config_file_with_an_unknown_loss_key_is_one_line_naming_it(environ, t
   assert out.returncode == 1, out.stderr[-3000:]
   line = last_error(out.stderr)
   assert line.startswith('error: unknown loss setting(s) config.loss.lamda_pa: the loss settings '
-                         'are aux_weight, gan_loss, lambda_d, '), line
+                         'are aux_weight, cwd_divisor, '), line
+  assert ' lambda_pa, ' in line and line.count('\n') == 0
   assert not (tmp_path / 'out' / 'checkpoints').exists()
 
 
